@@ -1,0 +1,77 @@
+"""Does every attention path honour the sinks, forward and backward?
+
+The matrix is backend x dtype x shape family x quantity (out, lse, dq, dk, dv, dsink via dO, dsink
+via dLSE), each judged against the float64 reference by rlparity.metrics' tolerance rule, plus a
+sink-sensitivity check per backend. One JSON record per cell goes to the results file.
+"""
+
+import itertools
+
+import pytest
+import torch
+from conftest import selected_attention_backends
+
+from rlparity.attention.cases import CASES, CASES_BY_NAME, DTYPE_NAMES
+from rlparity.attention.matrix import QUANTITIES, SENSITIVITY_CASE, measure, sink_sensitivity, to_records
+from rlparity.results import ERROR, FAIL, SKIP
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def pytest_generate_tests(metafunc):
+    backends = selected_attention_backends(metafunc.config)
+    marks = lambda backend: [pytest.mark.gpu] if backend.gpu_only else []  # noqa: E731
+    if metafunc.definition.name == "test_sink_attention":
+        params = [
+            pytest.param(backend, dtype, case, quantity, marks=marks(backend),
+                         id=f"{backend.name}-{DTYPE_NAMES[dtype]}-{case.name}-{quantity}")
+            for backend, dtype, case, quantity in itertools.product(backends, DTYPES, CASES, QUANTITIES)
+        ]
+        metafunc.parametrize(("backend", "dtype", "case", "quantity"), params)
+    elif metafunc.definition.name == "test_sink_sensitivity":
+        params = [pytest.param(backend, dtype, marks=marks(backend), id=f"{backend.name}-{DTYPE_NAMES[dtype]}")
+                  for backend, dtype in itertools.product(backends, DTYPES)]
+        metafunc.parametrize(("backend", "dtype"), params)
+
+
+class _Matrix:
+    """Measures each (backend, case, dtype) once, for all its quantities, and records them."""
+
+    def __init__(self, store, counts, device):
+        self.store, self.counts, self.device = store, counts, device
+        self.cache = {}
+
+    def get(self, key, compute, backend, case, dtype, prefix):
+        if key not in self.cache:
+            measurements = compute(backend, case, dtype, self.device)
+            for record in to_records(backend, case, dtype, measurements, prefix):
+                self.store.append(record)
+                self.counts[(backend.name, record.verdict)] += 1
+            self.cache[key] = {m.quantity: m for m in measurements}
+        return self.cache[key]
+
+
+@pytest.fixture(scope="module")
+def matrix(result_store, verdict_counts, device):
+    return _Matrix(result_store, verdict_counts, device)
+
+
+def _judge(measurement):
+    if measurement.verdict == SKIP:
+        pytest.skip(measurement.reason)
+    if measurement.verdict in (FAIL, ERROR):
+        pytest.fail(f"{measurement.verdict}: {measurement.reason}", pytrace=False)
+
+
+def test_sink_attention(matrix, backend, dtype, case, quantity):
+    measurements = matrix.get(("matrix", backend.name, case.name, dtype), measure, backend, case, dtype,
+                              "sink_attention")
+    _judge(measurements[quantity])
+
+
+@pytest.mark.parametrize("check", ["sinks_change_out", "dsink_nonzero"])
+def test_sink_sensitivity(matrix, backend, dtype, check):
+    case = CASES_BY_NAME[SENSITIVITY_CASE]
+    measurements = matrix.get(("sensitivity", backend.name, dtype), sink_sensitivity, backend, case, dtype,
+                              "sink_sensitivity")
+    _judge(measurements[check])

@@ -1,0 +1,109 @@
+"""The shape families of the sink-attention matrix, and their seeded inputs.
+
+Small enough for the CPU (and the Triton interpreter), chosen to hit each way a backend can get the
+sinks wrong: GQA, the window and its edge, packing, extreme sinks, a non-default scale.
+"""
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+WINDOW = 16  # the edge cases sit at seq = WINDOW - 1, WINDOW, WINDOW + 1
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    batch: int = 1
+    heads_q: int = 4
+    heads_kv: int = 2
+    seq_q: int = 32
+    seq_k: int | None = None  # None: same as seq_q
+    head_dim: int = 64
+    causal: bool = True
+    window: int | None = None
+    seqlens: tuple[int, ...] | None = None  # packed sequences (batch 1, seq_q = sum)
+    sinks: tuple[float, ...] | None = None  # explicit sink logits; random N(0, 1) otherwise
+    scale: float | None = None
+
+    @property
+    def keys(self) -> int:
+        return self.seq_q if self.seq_k is None else self.seq_k
+
+    def shapes(self) -> dict:
+        return {
+            "batch": self.batch, "heads_q": self.heads_q, "heads_kv": self.heads_kv, "seq_q": self.seq_q,
+            "seq_k": self.keys, "head_dim": self.head_dim, "causal": self.causal, "window": self.window,
+            "seqlens": list(self.seqlens) if self.seqlens else None, "scale": self.scale,
+        }
+
+
+def _packed(name, seqlens, **kw) -> Case:
+    return Case(name, batch=1, seq_q=sum(seqlens), seqlens=tuple(seqlens), **kw)
+
+
+CASES = (
+    Case("tiny", batch=2, heads_q=2, heads_kv=2, seq_q=8),
+    Case("gqa8", heads_q=8, heads_kv=1, seq_q=48),
+    Case("beyond_window", seq_q=80, window=WINDOW),
+    Case("window_edge_minus1", seq_q=WINDOW - 1, window=WINDOW),
+    Case("window_edge", seq_q=WINDOW, window=WINDOW),
+    Case("window_edge_plus1", seq_q=WINDOW + 1, window=WINDOW),
+    # One query at position WINDOW: key 0 is just outside its window, key 1 is its oldest visible key.
+    Case("window_edge_query", seq_q=1, seq_k=WINDOW + 1, window=WINDOW),
+    Case("decode_prefix", seq_q=4, seq_k=40),
+    _packed("varlen", (7, 1, 19, 13)),
+    _packed("varlen_window", (7, 1, 30, 13), window=8),
+    Case("sink_extremes", heads_q=4, heads_kv=2, seq_q=24, sinks=(12.0, -20.0, 0.5, -1.0)),
+    Case("scale", seq_q=24, scale=0.35),
+    Case("bidirectional", seq_q=24, causal=False),
+)
+CASES_BY_NAME = {case.name: case for case in CASES}
+
+
+@dataclass
+class Inputs:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    sinks: torch.Tensor
+    dout: torch.Tensor
+    dlse: torch.Tensor
+    cu_seqlens: torch.Tensor | None
+
+    def tensors(self):
+        return self.q, self.k, self.v, self.sinks
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device: torch.device | str = "cpu") -> Inputs:
+    """Seeded per case: random normal values drawn in float64 and rounded to `dtype`."""
+    gen = torch.Generator().manual_seed(zlib.crc32(case.name.encode()))
+
+    def normal(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).to(device)
+
+    q = normal(case.batch, case.heads_q, case.seq_q, case.head_dim)
+    k = normal(case.batch, case.heads_kv, case.keys, case.head_dim)
+    v = normal(case.batch, case.heads_kv, case.keys, case.head_dim)
+    if case.sinks is not None:
+        if len(case.sinks) != case.heads_q:
+            raise ValueError(f"case {case.name}: {len(case.sinks)} sinks for {case.heads_q} query heads")
+        sinks = torch.tensor(case.sinks, dtype=torch.float64).to(dtype).to(device)
+    else:
+        sinks = normal(case.heads_q)
+    dout = normal(case.batch, case.heads_q, case.seq_q, case.head_dim)
+    dlse = normal(case.batch, case.heads_q, case.seq_q)
+    cu_seqlens = None
+    if case.seqlens is not None:
+        offsets = [0]
+        for length in case.seqlens:
+            offsets.append(offsets[-1] + length)
+        cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=device)
+    return Inputs(q, k, v, sinks, dout, dlse, cu_seqlens)
+
+
+def attend_kwargs(case: Case, inputs: Inputs) -> dict:
+    return {"causal": case.causal, "window": case.window, "scale": case.scale, "cu_seqlens": inputs.cu_seqlens}

