@@ -1,0 +1,74 @@
+"""Is sink attention still right under sequence parallelism, forward and backward?
+
+The matrix is world size (1, 2, 4) x scheme (Ulysses, ring) x inner kernel x mask family (full
+causal, a sliding window that crosses shard boundaries, packed varlen, packed varlen with a window)
+x dtype x quantity (out, lse, dq, dk, dv, dsink via dO, dsink via dLSE). Each rank runs the scheme on
+its shard; outputs and gradients are assembled across ranks (dSink summed over ranks) and judged
+against the single-process float64 reference by the tolerance rule of rlparity.metrics, the naive
+baseline being the reference run in the candidate's dtype (rlparity.parallel.check).
+
+Worker processes start once per world size: gloo on CPU, nccl where there is a GPU per rank.
+The inner kernels are `reference` and `chunked`, or those named with --attention-backend.
+"""
+
+import pytest
+import torch
+
+from rlparity.parallel.check import QUANTITIES, SCHEMES, SP_CASES, MeasureGroup, to_records
+from rlparity.results import ERROR, FAIL, SKIP
+
+pytestmark = pytest.mark.multi_process
+
+WORLDS = (1, 2, 4)
+DEFAULT_INNER = ("reference", "chunked")
+DTYPES = ("fp32", "bf16")
+
+
+def pytest_generate_tests(metafunc):
+    if "workers" not in metafunc.fixturenames:
+        return
+    metafunc.parametrize("workers", WORLDS, indirect=True, scope="module", ids=lambda world: f"world{world}")
+    inners = metafunc.config.getoption("--attention-backend") or DEFAULT_INNER
+    params = [pytest.param(scheme, inner, case.name, dtype, quantity,
+                           id=f"{scheme}-{inner}-{case.name}-{dtype}-{quantity}")
+              for scheme in SCHEMES for inner in inners for case in SP_CASES for dtype in DTYPES
+              for quantity in QUANTITIES]
+    metafunc.parametrize(("scheme", "inner", "case_name", "dtype_name", "quantity"), params)
+
+
+class _Workers:
+    """The worker group of one world size and the measurements it made, one entry per case."""
+
+    def __init__(self, world: int):
+        self.world = world
+        self.backend = "nccl" if torch.cuda.device_count() >= world else "gloo"
+        self.group = MeasureGroup(world, backend=self.backend)
+        self.cache = {}
+
+    def measure(self, key, store, counts):
+        if key not in self.cache:
+            measurements = self.group.measure(*key)
+            for record in to_records(*key, self.world, measurements):
+                record.extra["process_group"] = self.backend
+                store.append(record)
+                counts[(record.subject, record.verdict)] += 1
+            self.cache[key] = {m.quantity: m for m in measurements}
+        return self.cache[key]
+
+    def close(self):
+        self.group.close()
+
+
+@pytest.fixture(scope="module")
+def workers(request):
+    workers = _Workers(request.param)
+    yield workers
+    workers.close()
+
+
+def test_sequence_parallel(workers, result_store, verdict_counts, scheme, inner, case_name, dtype_name, quantity):
+    measurement = workers.measure((scheme, inner, case_name, dtype_name), result_store, verdict_counts)[quantity]
+    if measurement.verdict == SKIP:
+        pytest.skip(measurement.reason)
+    if measurement.verdict in (FAIL, ERROR):
+        pytest.fail(f"{measurement.verdict} on {workers.world} ranks: {measurement.reason}", pytrace=False)
