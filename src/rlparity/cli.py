@@ -1,6 +1,7 @@
 """The `rlparity` command.
 
     rlparity check attention --backend pkg.module:attend   the sink-attention matrix against one function
+    rlparity model build tiny                              build (or verify) the bundled tiny GPT-OSS
     rlparity dashboard                                     results + benchmarks -> dashboard/index.html
     rlparity env                                           the environment fingerprint results carry
 """
@@ -64,6 +65,12 @@ def _dashboard(args) -> int:
     return 0
 
 
+def _model(args) -> int:
+    from rlparity.models.__main__ import run
+
+    return run(args)
+
+
 def _env(args) -> int:
     from rlparity.results import environment_fingerprint
 
@@ -91,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
                            help="pytest-benchmark JSON files or folders")
     dashboard.add_argument("--out", default="dashboard/index.html")
     dashboard.set_defaults(run=_dashboard)
+
+    model = commands.add_parser("model", help="build, locate or describe a bundled tiny GPT-OSS (fixtures/models)")
+    model.add_argument("action", choices=("list", "build", "path", "stats", "record"))
+    model.add_argument("name", nargs="?", default="tiny")
+    model.add_argument("--cache", default=None, help="cache folder (default: $RLPARITY_CACHE or ~/.cache/rlparity)")
+    model.add_argument("--force", action="store_true", help="rebuild even if a verified build is cached")
+    model.add_argument("--json", action="store_true", help="stats as JSON")
+    model.set_defaults(run=_model)
 
     env = commands.add_parser("env", help="print the environment fingerprint")
     env.set_defaults(run=_env)

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 PAD = "<|pad|>"
 EOS = "<|endoftext|>"
 UNK = "<|unk|>"
-START, END, MESSAGE, CHANNEL, CALL, RETURN = "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|call|>", "<|return|>"
+START, END, MESSAGE, CHANNEL = "<|start|>", "<|end|>", "<|message|>", "<|channel|>"
+CALL, RETURN = "<|call|>", "<|return|>"
 SPECIAL_TOKENS = (PAD, EOS, UNK, START, END, MESSAGE, CHANNEL, CALL, RETURN)
 
 DIGITS = tuple("0123456789")

@@ -11,10 +11,14 @@ from rlparity.reference.attention import (
     visibility,
     visible_keys,
 )
+from rlparity.reference.gpt_oss import GptOssOutput
+from rlparity.reference.gpt_oss import forward as gpt_oss_forward
 from rlparity.reference.moe import moe_block, moe_experts, moe_router, swiglu_clamped
 
 __all__ = [
+    "GptOssOutput",
     "default_scale",
+    "gpt_oss_forward",
     "moe_block",
     "moe_experts",
     "moe_router",
