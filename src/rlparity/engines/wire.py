@@ -1,0 +1,50 @@
+"""The message format between rlparity and an engine running in another process: one JSON object per line.
+
+numpy arrays travel as {"__array__": dtype, "shape": [...], "data": base64 of the C-order bytes}, so
+floats arrive bit-exact and neither side unpickles anything from the other. Only the standard library
+and numpy are imported here: the engine's interpreter may have nothing else of rlparity's dependencies.
+"""
+
+import base64
+import json
+
+import numpy as np
+
+ARRAY_KEY = "__array__"
+
+
+def _encode(value):
+    if isinstance(value, np.ndarray):
+        array = np.ascontiguousarray(value)
+        return {ARRAY_KEY: array.dtype.str, "shape": list(array.shape),
+                "data": base64.b64encode(array.tobytes()).decode("ascii")}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {key: _encode(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(item) for item in value]
+    return value
+
+
+def _decode(value):
+    if isinstance(value, dict):
+        if ARRAY_KEY in value:
+            data = base64.b64decode(value["data"])
+            return np.frombuffer(data, dtype=np.dtype(value[ARRAY_KEY])).reshape(value["shape"]).copy()
+        return {key: _decode(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_decode(item) for item in value]
+    return value
+
+
+def dumps(message: dict) -> bytes:
+    """One line, newline-terminated; floats keep full precision (json writes repr)."""
+    return (json.dumps(_encode(message), allow_nan=True) + "\n").encode("utf-8")
+
+
+def loads(line: bytes) -> dict:
+    message = _decode(json.loads(line))
+    if not isinstance(message, dict):
+        raise ValueError(f"expected a JSON object per line, got {type(message).__name__}: {line[:200]!r}")
+    return message
