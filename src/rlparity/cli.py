@@ -1,6 +1,8 @@
 """The `rlparity` command.
 
     rlparity check attention --backend pkg.module:attend   the sink-attention matrix against one function
+    rlparity memory --model gpt-oss-20b --tokens 24576 --world 16 --attention triton --budget 80GiB
+                                                           per-rank memory by phase, and whether it fits
     rlparity model build tiny                              build (or verify) the bundled tiny GPT-OSS
     rlparity dashboard                                     results + benchmarks -> dashboard/index.html
     rlparity env                                           the environment fingerprint results carry
@@ -12,6 +14,7 @@ import os
 import sys
 
 from rlparity.errors import RlparityError
+from rlparity.memory.cli import add_memory_parser
 
 
 def _check_attention(args) -> int:
@@ -106,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--force", action="store_true", help="rebuild even if a verified build is cached")
     model.add_argument("--json", action="store_true", help="stats as JSON")
     model.set_defaults(run=_model)
+
+    add_memory_parser(commands)
 
     env = commands.add_parser("env", help="print the environment fingerprint")
     env.set_defaults(run=_env)
