@@ -2,7 +2,7 @@
 
 Forward: online softmax over key blocks with the sink opening the normaliser (m = sigma, l = 1), so the
 sink enters Z exactly once; returns out (input dtype) and lse (float32).
-Backward (FlashAttention-2 structure, recomputing P from lse):
+Backward (FlashAttention-2 structure, recomputing P from the base-2 lse the forward saves):
   1. preprocess: delta_i = dO_i.O_i - dLSE_i per query row, and per (batch, head, query block) partial
      sums of dsink_h = -sum_i P_sink,i delta_i, summed here in torch: a fixed-order reduction, so dSink
      is deterministic (no atomics anywhere);
@@ -16,11 +16,12 @@ Inputs may be float32, bfloat16 or float16; the kernel accumulates in float32. f
 (an error names the `reference` backend): Triton's tl.dot has no float64 tensor-core path and an fp64
 flash kernel would only duplicate the reference. float32 matmuls run in IEEE precision, not TF32.
 On CPU the kernels run under Triton's interpreter, which must be switched on with TRITON_INTERPRET=1
-before triton is imported.
+before the kernels are defined (when rlparity.attention.triton_sink_kernels is first imported).
 """
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -57,17 +58,28 @@ class BlockConfig:
     bwd_warps: int = 4
     bwd_stages: int = 1
 
+    def __post_init__(self):
+        for name in ("fwd_m", "fwd_n", "dkdv_m", "dkdv_n", "dq_m", "dq_n", "preprocess_m"):
+            size = getattr(self, name)
+            if size < MIN_BLOCK_D or size & (size - 1):
+                raise RlparityError(f"BlockConfig.{name}: expected a power of two >= {MIN_BLOCK_D} "
+                                    f"(tl.arange and tl.dot tiles), got {size}")
 
-def block_config(device: torch.device, head_dim: int) -> BlockConfig:
-    """Tile sizes per device.
+
+def block_config(device: torch.device, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> BlockConfig:
+    """Tile sizes per device (and, on CUDA, per head_dim and dtype).
 
     CUDA: the shapes of FlashAttention-2 in Triton (large query tiles in the forward and dQ, large key
-    tiles in dK/dV, pipelined over 3 stages). These are a starting point that has not been tuned on a GPU
-    from this repository; see the benchmark. CPU (interpreter): every tile costs a few numpy calls, so small
-    tiles keep the work per visible block low on the small shapes the CPU suite uses, and the masked-off
-    waste of a 16-token tile is small next to a GPT-OSS window.
+    tiles in dK/dV, software-pipelined). They compile for sm80 and sm90 within shared memory (checked by
+    compiling, not by running: they are a starting point, untuned on a GPU from this repository); float32
+    tiles are halved, as its IEEE FMA dots hold twice the bytes per element. CPU (interpreter): every tile
+    costs a fixed Python overhead, but small tiles keep the masked-off waste low on the small shapes the
+    CPU suites use and make their loops run several blocks.
     """
     if device.type == "cuda":
+        if dtype == torch.float32:
+            return BlockConfig(fwd_m=64, fwd_n=32, dkdv_m=32, dkdv_n=64, dq_m=64, dq_n=32, preprocess_m=128,
+                               fwd_warps=4, fwd_stages=2, bwd_warps=4, bwd_stages=2)
         if head_dim <= 64:
             return BlockConfig(fwd_m=128, fwd_n=64, dkdv_m=32, dkdv_n=128, dq_m=128, dq_n=32, preprocess_m=128,
                                fwd_warps=4, fwd_stages=3, bwd_warps=4, bwd_stages=3)
@@ -101,8 +113,6 @@ def probe(device: torch.device) -> str:
 
 def _interpreter_on(triton_module) -> bool:
     """Whether our kernels are (or, if not yet defined, will be) interpreted."""
-    import sys
-
     kernels = sys.modules.get("rlparity.attention.triton_sink_kernels")
     if kernels is not None:
         return kernels.INTERPRETED
@@ -118,7 +128,7 @@ def _kernels():
     return triton_sink_kernels
 
 
-def _check_supported(q, k, v, sinks, cu_seqlens, kernels):
+def _check_supported(q, k, v, sinks, kernels):
     where = "triton sink attention"
     if q.dtype not in SUPPORTED_DTYPES:
         hint = " (use the `reference` backend for float64)" if q.dtype == torch.float64 else ""
@@ -142,14 +152,14 @@ def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
 
 
 def _grid_rows(rows, block, batch, cu_seqlens, heads):
-    """(blocks along the sequence, heads, batch or sequences) and the per-sequence row count it covers."""
+    """Launch grid (blocks of `rows`, heads, batch); packed input: blocks of its longest sequence, per sequence."""
     if cu_seqlens is None:
-        return (max(1, triton_cdiv(rows, block)), heads, batch)
+        return (max(1, _cdiv(rows, block)), heads, batch)
     longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
-    return (max(1, triton_cdiv(longest, block)), heads, cu_seqlens.numel() - 1)
+    return (max(1, _cdiv(longest, block)), heads, cu_seqlens.numel() - 1)
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -158,17 +168,17 @@ def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _forward(q, k, v, sinks, causal, window, scale, cu_seqlens, kernels):
+def _forward(q, k, v, sinks, causal, window, scale, cu_seqlens, kernels, cfg):
     batch, heads_q, seq_q, head_dim = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
-    cfg = block_config(q.device, head_dim)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads_q, seq_q, dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(lse)
     if q.numel() == 0:
-        return out, lse
+        return out, lse, lse2
     grid = _grid_rows(seq_q, cfg.fwd_m, batch, cu_seqlens, heads_q)
     kernels._fwd_kernel[grid](
-        q, k, v, sinks, out, lse, cu_seqlens,
+        q, k, v, sinks, out, lse, lse2, cu_seqlens,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
@@ -178,13 +188,12 @@ def _forward(q, k, v, sinks, causal, window, scale, cu_seqlens, kernels):
         EMULATE_BF16=kernels.INTERPRETED and q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )
-    return out, lse
+    return out, lse, lse2
 
 
-def _backward(q, k, v, sinks, out, lse, dout, dlse, causal, window, scale, cu_seqlens, kernels):
+def _backward(q, k, v, sinks, out, lse2, dout, dlse, causal, window, scale, cu_seqlens, kernels, cfg):
     batch, heads_q, seq_q, head_dim = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
-    cfg = block_config(q.device, head_dim)
     groups = heads_q // heads_kv
     block_d = _block_d(head_dim)
     varlen = cu_seqlens is not None
@@ -197,15 +206,15 @@ def _backward(q, k, v, sinks, out, lse, dout, dlse, causal, window, scale, cu_se
     if q.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros_like(sinks)
 
-    delta = torch.empty_like(lse)
-    pre_blocks = triton_cdiv(seq_q, cfg.preprocess_m)
+    delta = torch.empty_like(lse2)
+    pre_blocks = _cdiv(seq_q, cfg.preprocess_m)
     dsink_partials = torch.empty(batch, heads_q, pre_blocks, dtype=torch.float32, device=q.device)
     has_dlse = dlse is not None
-    dlse_arg = dlse if has_dlse else lse  # never read when HAS_DLSE is False
+    dlse_arg = dlse if has_dlse else lse2  # never read when HAS_DLSE is False
     kernels._bwd_preprocess[(pre_blocks, heads_q, batch)](
-        out, dout, dlse_arg, lse, sinks, delta, dsink_partials,
+        out, dout, dlse_arg, lse2, sinks, delta, dsink_partials,
         out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        dlse_arg.stride(0), dlse_arg.stride(1), dlse_arg.stride(2), lse.stride(0), lse.stride(1),
+        dlse_arg.stride(0), dlse_arg.stride(1), dlse_arg.stride(2), lse2.stride(0), lse2.stride(1),
         seq_q, heads_q,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.preprocess_m, HAS_DLSE=has_dlse,
     )
@@ -217,15 +226,15 @@ def _backward(q, k, v, sinks, out, lse, dout, dlse, causal, window, scale, cu_se
     strides_in = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
     kernels._bwd_dkdv_kernel[_grid_rows(seq_k, cfg.dkdv_n, batch, cu_seqlens, heads_kv)](
-        q, k, v, dout, lse, delta, dk, dv, cu_seqlens, *strides_in,
+        q, k, v, dout, lse2, delta, dk, dv, cu_seqlens, *strides_in,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        lse.stride(0), lse.stride(1),
+        lse2.stride(0), lse2.stride(1),
         seq_q, seq_k, groups, scale * kernels.LOG2E, scale, window or 0,
         BLOCK_M=cfg.dkdv_m, BLOCK_N=cfg.dkdv_n, **common,
     )
     kernels._bwd_dq_kernel[_grid_rows(seq_q, cfg.dq_m, batch, cu_seqlens, heads_q)](
-        q, k, v, dout, lse, delta, dq, cu_seqlens, *strides_in,
-        dq.stride(0), dq.stride(1), dq.stride(2), lse.stride(0), lse.stride(1),
+        q, k, v, dout, lse2, delta, dq, cu_seqlens, *strides_in,
+        dq.stride(0), dq.stride(1), dq.stride(2), lse2.stride(0), lse2.stride(1),
         seq_q, seq_k, groups, scale * kernels.LOG2E, scale, window or 0,
         BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, **common,
     )
@@ -238,35 +247,39 @@ def _block_d(head_dim: int) -> int:
 
 class TritonSinkAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sinks, causal, window, scale, cu_seqlens):
+    def forward(ctx, q, k, v, sinks, causal, window, scale, cu_seqlens, cfg):
         kernels = _kernels()
-        out, lse = _forward(q, k, v, sinks, causal, window, scale, cu_seqlens, kernels)
-        ctx.save_for_backward(q, k, v, sinks, out, lse, cu_seqlens)
-        ctx.options = (causal, window, scale)
+        out, lse, lse2 = _forward(q, k, v, sinks, causal, window, scale, cu_seqlens, kernels, cfg)
+        ctx.save_for_backward(q, k, v, sinks, out, lse2, cu_seqlens)
+        ctx.options = (causal, window, scale, cfg)
         ctx.set_materialize_grads(False)  # lets the backward skip the dLSE path when lse is unused
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, sinks, out, lse, cu_seqlens = ctx.saved_tensors
-        causal, window, scale = ctx.options
+        q, k, v, sinks, out, lse2, cu_seqlens = ctx.saved_tensors
+        causal, window, scale, cfg = ctx.options
         if dout is None and dlse is None:
-            return (None,) * 8
+            return (None,) * 9
         dout = torch.zeros_like(out) if dout is None else _unit_last_stride(dout)
-        dq, dk, dv, dsinks = _backward(q, k, v, sinks, out, lse, dout, dlse, causal, window, scale, cu_seqlens,
-                                       _kernels())
-        return dq, dk, dv, dsinks, None, None, None, None
+        dq, dk, dv, dsinks = _backward(q, k, v, sinks, out, lse2, dout, dlse, causal, window, scale, cu_seqlens,
+                                       _kernels(), cfg)
+        return dq, dk, dv, dsinks, None, None, None, None, None
 
 
-def attend(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None):
-    """(out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] float32): the contract in DESIGN.md."""
+def attend(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None, config=None):
+    """(out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] float32): the contract in DESIGN.md.
+
+    `config` overrides the tile sizes of `block_config(device, head_dim, dtype)`, e.g. for a benchmark.
+    """
     check_inputs(q, k, v, sinks, window=window, cu_seqlens=cu_seqlens, where="triton sink attention")
     kernels = _kernels()
-    _check_supported(q, k, v, sinks, cu_seqlens, kernels)
+    _check_supported(q, k, v, sinks, kernels)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     if not math.isfinite(scale):
         raise RlparityError(f"triton sink attention: expected a finite scale, got {scale}")
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(q.device)
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    return TritonSinkAttention.apply(q, k, v, sinks.contiguous(), bool(causal), window, scale, cu_seqlens)
+    config = block_config(q.device, q.shape[-1], q.dtype) if config is None else config
+    return TritonSinkAttention.apply(q, k, v, sinks.contiguous(), bool(causal), window, scale, cu_seqlens, config)

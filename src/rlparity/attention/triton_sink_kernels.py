@@ -2,7 +2,8 @@
 
 Conventions shared by every kernel (the host side is `triton_sink.py`):
 - q, o, dO: [B, Hq, S, D] and k, v: [B, Hkv, S_k, D], passed as base pointers plus batch, head and sequence
-  strides; the head_dim stride is 1. lse and delta: contiguous float32 [B, Hq, S].
+  strides; the head_dim stride is 1. lse, lse2 (lse / ln 2, kept for the backward) and delta: contiguous
+  float32 [B, Hq, S].
 - Program axis 2 is the batch index, or the sequence index of packed input (then batch is 0 and the
   sequence's tokens start at cu_seqlens[z] in q, k and v alike).
 - Scores are kept in the base-2 domain: s2 = q.k * scale * log2(e), sink2 = sigma * log2(e), so the
@@ -24,6 +25,25 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 LN2 = 0.6931471805599453  # ln(2): log(x) == log2(x) * LN2
+# Triton turns an int argument equal to 1 into a compile-time constant; decode (seq_q == 1), MHA (groups
+# == 1) and window 1 would each compile a variant. These stay runtime values.
+_RUNTIME_INTS = ("seq_q", "seq_k", "groups", "window")
+
+
+# Triton's library functions (tl.zeros, tl.max, tl.sum, tl.cdiv) are jit functions fixed as compiled or
+# interpreted when triton is first imported; if that happened before TRITON_INTERPRET=1 was set, the
+# interpreter cannot call them. So these kernels call only builtins: tl.full, and tl.reduce with the
+# combine functions tl.max and tl.sum use, which the interpreter recognises and runs as numpy reductions.
+
+
+@triton.jit
+def _row_max(x):
+    return tl.reduce(x, 1, tl.standard._elementwise_max)
+
+
+@triton.jit
+def _row_sum(x):
+    return tl.reduce(x, 1, tl.standard._sum_combine)
 
 
 @triton.jit
@@ -99,7 +119,7 @@ def _phases(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
     a = tl.where(hi > lo, (lo // BLOCK) * BLOCK, hi)
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
-    b = tl.minimum(tl.cdiv(full_lo, BLOCK) * BLOCK, hi)
+    b = tl.minimum((full_lo + BLOCK - 1) // BLOCK * BLOCK, hi)
     c = tl.maximum((full_hi // BLOCK) * BLOCK, b)
     return a, b, c, hi
 
@@ -129,19 +149,21 @@ def _fwd_keys(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start, sto
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASK:
             s = tl.where(_visible(q_pos, k_idx, len_k, window, CAUSAL, HAS_WINDOW), s, float("-inf"))
-        # m_i starts at the (finite) sink, so a row whose block is fully masked never sees -inf - -inf.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_new = tl.maximum(m_i, _row_max(s))
+        # m_new is -inf only for a sink of -inf (no sink) and no visible key yet: exponentiate against 0
+        # there, so that exp2(-inf - -inf) never makes a NaN.
+        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_base)
+        p = tl.exp2(s - m_base[:, None])
+        l_i = l_i * alpha + _row_sum(p)
         v = _load_tile(v_base, k_idx, stride_vs, len_k, offs_d, HEAD_DIM, BLOCK_D, MASK, EMULATE_BF16)
         acc = tl.dot(_operand(p, ELEM, EMULATE_BF16), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.jit
-def _fwd_kernel(Q, K, V, Sinks, Out, Lse, CuSeqlens,
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _fwd_kernel(Q, K, V, Sinks, Out, Lse, Lse2, CuSeqlens,
                 stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                 stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
                 stride_lb, stride_lh,
@@ -149,7 +171,9 @@ def _fwd_kernel(Q, K, V, Sinks, Out, Lse, CuSeqlens,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
                 EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
+    # Last query blocks first: under a causal mask they see the most keys, so the longest programs start
+    # early and the short ones fill the tail.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     b, start, len_q, len_k = _sequence(CuSeqlens, tl.program_id(2), seq_q, seq_k, IS_VARLEN)
     m0 = pid_m * BLOCK_M
@@ -170,9 +194,10 @@ def _fwd_kernel(Q, K, V, Sinks, Out, Lse, CuSeqlens,
     q = _load_tile(q_base, offs_m, stride_qs, len_q, offs_d, HEAD_DIM, BLOCK_D, True, EMULATE_BF16)
 
     sink = tl.load(Sinks + h).to(tl.float32) * 1.4426950408889634
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + sink  # the sink opens the normaliser: m = sigma, l = 1
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # The sink opens the normaliser: m = sigma, l = exp2(sigma - m) = 1 (0 for a sink of -inf: no sink).
+    m_i = tl.full([BLOCK_M], 0.0, tl.float32) + sink
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32) + tl.where(sink == float("-inf"), 0.0, 1.0)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
 
     lo = 0
     hi = len_k
@@ -198,15 +223,19 @@ def _fwd_kernel(Q, K, V, Sinks, Out, Lse, CuSeqlens,
     out = acc / l_i[:, None]
     o_base = Out + b * stride_ob + h64 * stride_oh + start * stride_os
     _store_tile(o_base, offs_m, stride_os, len_q, offs_d, _store_value(out, ELEM, EMULATE_BF16), HEAD_DIM)
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-    tl.store(Lse + b * stride_lb + h64 * stride_lh + start + offs_m, lse, mask=offs_m < len_q)
+    lse2 = m_i + tl.log2(l_i)
+    row_offset = b * stride_lb + h64 * stride_lh + start + offs_m
+    tl.store(Lse + row_offset, lse2 * 0.6931471805599453, mask=offs_m < len_q)
+    # The backward reads the base-2 value: converting the returned lse back would add two roundings to
+    # every recomputed exponent.
+    tl.store(Lse2 + row_offset, lse2, mask=offs_m < len_q)
 
 
 # -------------------------------------------------------------------------------------------------------- backward
 
 
-@triton.jit
-def _bwd_preprocess(Out, DOut, DLse, Lse, Sinks, Delta, DSinkPart,
+@triton.jit(do_not_specialize=("seq_q", "heads_q"))
+def _bwd_preprocess(Out, DOut, DLse, Lse2, Sinks, Delta, DSinkPart,
                     stride_ob, stride_oh, stride_os, stride_db, stride_dh, stride_ds,
                     stride_gb, stride_gh, stride_gs, stride_lb, stride_lh,
                     seq_q, heads_q,
@@ -228,21 +257,21 @@ def _bwd_preprocess(Out, DOut, DLse, Lse, Sinks, Delta, DSinkPart,
                 other=0.0).to(tl.float32)
     do = tl.load(DOut + b * stride_db + h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :], mask=mask,
                  other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, 1)
+    delta = _row_sum(o * do)
     if HAS_DLSE:
         delta = delta - tl.load(DLse + b * stride_gb + h * stride_gh + offs_m * stride_gs, mask=rows,
                                 other=0.0).to(tl.float32)
     row_offset = b * stride_lb + h * stride_lh + offs_m
     tl.store(Delta + row_offset, delta, mask=rows)
-    lse = tl.load(Lse + row_offset, mask=rows, other=0.0)
-    sink = tl.load(Sinks + h).to(tl.float32)
-    p_sink = tl.exp2((sink - lse) * 1.4426950408889634)
-    partial = -tl.sum(tl.where(rows, p_sink * delta, 0.0), 0)
+    lse2 = tl.load(Lse2 + row_offset, mask=rows, other=0.0)
+    sink2 = tl.load(Sinks + h).to(tl.float32) * 1.4426950408889634
+    p_sink = tl.exp2(sink2 - lse2)
+    partial = -tl.reduce(tl.where(rows, p_sink * delta, 0.0), 0, tl.standard._sum_combine)
     tl.store(DSinkPart + (b * heads_q + h) * tl.num_programs(0) + pid_m, partial)
 
 
 @triton.jit
-def _dkdv_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, start, stop, k_idx,
+def _dkdv_queries(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, stride_qs, stride_ds, start, stop, k_idx,
                   offset, len_q, len_k, window, qk_scale, offs_m, offs_d,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
                   CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, ELEM: tl.constexpr,
@@ -252,10 +281,10 @@ def _dkdv_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs
         q = _load_tile(q_base, q_idx, stride_qs, len_q, offs_d, HEAD_DIM, BLOCK_D, MASK, EMULATE_BF16)
         do = _load_tile(do_base, q_idx, stride_ds, len_q, offs_d, HEAD_DIM, BLOCK_D, MASK, EMULATE_BF16)
         if MASK:
-            lse2 = tl.load(lse_base + q_idx, mask=q_idx < len_q, other=0.0) * 1.4426950408889634
+            lse2 = tl.load(lse2_base + q_idx, mask=q_idx < len_q, other=0.0)
             delta = tl.load(delta_base + q_idx, mask=q_idx < len_q, other=0.0)
         else:
-            lse2 = tl.load(lse_base + q_idx) * 1.4426950408889634
+            lse2 = tl.load(lse2_base + q_idx)
             delta = tl.load(delta_base + q_idx)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
         p_t = tl.exp2(s_t - lse2[None, :])
@@ -269,8 +298,8 @@ def _dkdv_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs
     return dk, dv
 
 
-@triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqlens,
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2, Delta, DK, DV, CuSeqlens,
                      stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                      stride_vb, stride_vh, stride_vs, stride_db, stride_dh, stride_ds,
                      stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
@@ -296,8 +325,8 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqlens,
                    HEAD_DIM, BLOCK_D, True, EMULATE_BF16)
     v = _load_tile(V + b * stride_vb + kv_h * stride_vh + start * stride_vs, k_idx, stride_vs, len_k, offs_d,
                    HEAD_DIM, BLOCK_D, True, EMULATE_BF16)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
 
     # Query rows i (position i + offset) that see some key of this block, and those that see all of them.
     lo = 0
@@ -317,15 +346,15 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqlens,
         h = kv_h * groups + g
         q_base = Q + b * stride_qb + h * stride_qh + start * stride_qs
         do_base = DOut + b * stride_db + h * stride_dh + start * stride_ds
-        lse_base = Lse + b * stride_lb + h * stride_lh + start
+        lse2_base = Lse2 + b * stride_lb + h * stride_lh + start
         delta_base = Delta + b * stride_lb + h * stride_lh + start
-        dk, dv = _dkdv_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, a, b_,
+        dk, dv = _dkdv_queries(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, stride_qs, stride_ds, a, b_,
                                k_idx, offset, len_q, len_k, window, qk_scale, offs_m, offs_d, HEAD_DIM, BLOCK_D,
                                BLOCK_M, True, CAUSAL, HAS_WINDOW, ELEM, EMULATE_BF16, DOT_PRECISION)
-        dk, dv = _dkdv_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, b_, c,
+        dk, dv = _dkdv_queries(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, stride_qs, stride_ds, b_, c,
                                k_idx, offset, len_q, len_k, window, qk_scale, offs_m, offs_d, HEAD_DIM, BLOCK_D,
                                BLOCK_M, False, CAUSAL, HAS_WINDOW, ELEM, EMULATE_BF16, DOT_PRECISION)
-        dk, dv = _dkdv_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, c, hi,
+        dk, dv = _dkdv_queries(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, stride_qs, stride_ds, c, hi,
                                k_idx, offset, len_q, len_k, window, qk_scale, offs_m, offs_d, HEAD_DIM, BLOCK_D,
                                BLOCK_M, True, CAUSAL, HAS_WINDOW, ELEM, EMULATE_BF16, DOT_PRECISION)
 
@@ -354,8 +383,8 @@ def _dq_keys(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, start
     return dq
 
 
-@triton.jit
-def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuSeqlens,
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _bwd_dq_kernel(Q, K, V, DOut, Lse2, Delta, DQ, CuSeqlens,
                    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                    stride_vb, stride_vh, stride_vs, stride_db, stride_dh, stride_ds,
                    stride_dqb, stride_dqh, stride_dqs, stride_lb, stride_lh,
@@ -363,7 +392,7 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuSeqlens,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
                    EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest (last, under a causal mask) blocks first
     h = tl.program_id(1).to(tl.int64)
     b, start, len_q, len_k = _sequence(CuSeqlens, tl.program_id(2), seq_q, seq_k, IS_VARLEN)
     m0 = pid_m * BLOCK_M
@@ -382,11 +411,11 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuSeqlens,
     do = _load_tile(DOut + b * stride_db + h * stride_dh + start * stride_ds, offs_m, stride_ds, len_q, offs_d,
                     HEAD_DIM, BLOCK_D, True, EMULATE_BF16)
     row_offset = b * stride_lb + h * stride_lh + start + offs_m
-    lse2 = tl.load(Lse + row_offset, mask=offs_m < len_q, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(Lse2 + row_offset, mask=offs_m < len_q, other=0.0)
     delta = tl.load(Delta + row_offset, mask=offs_m < len_q, other=0.0)
     k_base = K + b * stride_kb + kv_h * stride_kh + start * stride_ks
     v_base = V + b * stride_vb + kv_h * stride_vh + start * stride_vs
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
 
     lo = 0
     hi = len_k
