@@ -3,6 +3,7 @@
     rlparity check attention --backend pkg.module:attend   the sink-attention matrix against one function
     rlparity memory --model gpt-oss-20b --tokens 24576 --world 16 --attention triton --budget 80GiB
                                                            per-rank memory by phase, and whether it fits
+    rlparity routing --a hf --b vllm --model tiny          per-layer MoE routing agreement and near-tie census
     rlparity model build tiny                              build (or verify) the bundled tiny GPT-OSS
     rlparity dashboard                                     results + benchmarks -> dashboard/index.html
     rlparity env                                           the environment fingerprint results carry
@@ -15,6 +16,7 @@ import sys
 
 from rlparity.errors import RlparityError
 from rlparity.memory.cli import add_memory_parser
+from rlparity.routing.cli import add_routing_parser
 
 
 def _check_attention(args) -> int:
@@ -111,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.set_defaults(run=_model)
 
     add_memory_parser(commands)
+    add_routing_parser(commands)
 
     env = commands.add_parser("env", help="print the environment fingerprint")
     env.set_defaults(run=_env)

@@ -1,0 +1,58 @@
+"""`rlparity routing` on the micro model: the per-layer table, the census, the record; bad arguments."""
+
+import argparse
+
+import pytest
+
+from rlparity.errors import RlparityError
+from rlparity.results import read_records
+from rlparity.routing.cli import add_routing_parser
+from rlparity.routing.engines import open_routing_engine
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="rlparity")
+    add_routing_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["routing", *argv])
+
+
+def test_routing_table_and_record(micro_checkpoint, tmp_path, capsys):
+    results = tmp_path / "routing.jsonl"
+    args = parse(["--a", "reference", "--b", "hf", "--b-dtype", "bfloat16", "--model", str(micro_checkpoint),
+                  "--sequences", "2", "--length", "24", "--router-precision", "--results", str(results)])
+    assert args.run(args) == 0
+    out = capsys.readouterr().out
+    assert "hf[eager,eager,bfloat16] vs reference[float64]: 48 tokens" in out
+    assert "median gap@flip" in out and "near-tie census (reference[float64]'s gaps)" in out
+    assert "router[bfloat16] in hf[eager,eager,bfloat16] vs router[float32] in hf[eager,eager,bfloat16]: 48" in out
+    agreement, precision = read_records(results)
+    assert (agreement["property"], agreement["verdict"]) == ("routing.agreement", "pass")
+    assert precision["property"] == "routing.router_precision"
+    layers = agreement["extra"]["comparison"]["layers"]
+    assert [layer["layer"] for layer in layers] == [0, 1]
+    assert all(sum(b["tokens"] for b in layer["bins"]) == 48 for layer in layers)
+
+
+def test_unknown_model_is_refused(tmp_path):
+    args = parse(["--a", "hf", "--b", "reference", "--model", str(tmp_path)])
+    with pytest.raises(RlparityError, match="neither a bundled model .* nor a checkpoint folder"):
+        args.run(args)
+
+
+@pytest.mark.parametrize("argv", [["--a", "sglang", "--b", "hf"], ["--a", "hf", "--b", "hf", "--length", "0"]])
+def test_bad_arguments_exit_with_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(argv)
+    assert exit_info.value.code == 2
+
+
+def test_vllm_unavailable_says_why(micro_checkpoint, monkeypatch):
+    monkeypatch.setenv("RLPARITY_VLLM_PYTHON", "/nonexistent/python")
+    with pytest.raises(RlparityError, match="vllm engine is unavailable: RLPARITY_VLLM_PYTHON='/nonexistent/python' "
+                                            "is not an executable file"):
+        open_routing_engine("vllm", micro_checkpoint)
+
+
+def test_reference_dtype_is_checked(micro_checkpoint):
+    with pytest.raises(RlparityError, match="the reference engine runs in"):
+        open_routing_engine("reference", micro_checkpoint, "bfloat16")
