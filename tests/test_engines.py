@@ -124,5 +124,6 @@ def test_other_experts_implementations_match_eager(micro_checkpoint, hf_micro, r
 
 
 def test_unknown_engine_is_named():
-    with pytest.raises(RlparityError, match=r"unknown engine 'sglang': expected one of \['hf', 'reference', 'vllm'\]"):
-        open_engine("sglang", "/nowhere")
+    expected = r"unknown engine 'trtllm': expected one of \['hf', 'hf_fsdp', 'reference', 'sglang', 'vllm'\]"
+    with pytest.raises(RlparityError, match=expected):
+        open_engine("trtllm", "/nowhere")

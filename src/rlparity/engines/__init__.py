@@ -43,6 +43,8 @@ def open_engine(name: str, checkpoint: Path | str, **options) -> Engine:
 register_engine("hf", "rlparity.engines.hf:HFEngine")
 register_engine("reference", "rlparity.engines.reference:ReferenceEngine")
 register_engine("vllm", "rlparity.engines.vllm:VllmEngine")
+register_engine("hf_fsdp", "rlparity.engines.hf_fsdp:HFFsdpEngine")
+register_engine("sglang", "rlparity.engines.sglang:SglangEngine")
 
 __all__ = [
     "RAW",

@@ -9,7 +9,7 @@ attn_implementation: what transformers accepts for GPT-OSS on this machine. On C
 only: GPT-OSS declares no SDPA support, its flex path refuses sinks on CPU, and the flash kernels need
 CUDA and the `kernels` package. experts_implementation: transformers' `eager` loop over experts,
 `grouped_mm` or `batched_mm`.
-FSDP2 wrapping (the verl trainer's setup) is not offered yet: this engine runs one process.
+FSDP2 wrapping (the verl trainer's setup): the `hf_fsdp` engine (rlparity.engines.hf_fsdp).
 """
 
 from collections.abc import Sequence

@@ -25,7 +25,8 @@ DTYPES = {"float64": torch.float64, "fp64": torch.float64, "float32": torch.floa
 SHORT = {"float64": "fp64", "float32": "fp32", "bfloat16": "bf16"}
 # Engines that may be missing on a machine, and the function saying why (None when they can be tried).
 # The others run in this process on torch and transformers alone.
-AVAILABILITY_PROBES = {"vllm": "rlparity.engines.vllm:unavailable_reason"}
+AVAILABILITY_PROBES = {"vllm": "rlparity.engines.vllm:unavailable_reason",
+                       "sglang": "rlparity.engines.sglang:unavailable_reason"}
 
 
 def canonical_dtype(name: str) -> str:
