@@ -9,17 +9,36 @@ error raised here names the engine, the process id and the request, and ends wit
         result = engine.request("prompt_logprobs", token_ids=[...], timeout=60)
 """
 
+import importlib.util
 import os
 import select
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections import deque
 from pathlib import Path
 
 from rlparity.engines import wire
+
+
+def find_engine_python(env_var: str, module: str, engine: str, install_hint: str) -> tuple[str | None, str]:
+    """The interpreter an engine process runs with: $env_var, else this one if it can import `module`.
+
+    Returns (interpreter, how it was chosen), or (None, why there is none and what to do).
+    """
+    named = os.environ.get(env_var)
+    if named:
+        path = shutil.which(named) or named
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            return None, (f"{env_var}={named!r} is not an executable file; point it at the python of an "
+                          f"environment with {engine}")
+        return path, f"{env_var}={named}"
+    if importlib.util.find_spec(module) is not None:
+        return sys.executable, f"this interpreter ({sys.executable}) has {module}"
+    return None, f"{engine} is not importable here ({sys.executable}) and {env_var} is not set; {install_hint}"
 
 LOG_TAIL_LINES = 40
 CLOSE_TIMEOUT_S = 30.0

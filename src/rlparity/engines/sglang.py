@@ -29,11 +29,8 @@ Unverified here: the development machines have no GPU, so this engine has only r
 (discovery, validation, the parsing of SGLang's output); the gpu-marked tests exercise the rest.
 """
 
-import importlib.util
 import json
 import os
-import shutil
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,7 +38,7 @@ import torch
 
 import rlparity
 from rlparity.engines.base import RAW, Sampling, check_request, engine_max_len
-from rlparity.engines.process import EngineProcess, EngineProcessError
+from rlparity.engines.process import EngineProcess, EngineProcessError, find_engine_python
 from rlparity.errors import RlparityError
 from rlparity.models.checkpoint import open_checkpoint
 
@@ -69,16 +66,7 @@ PROCESSED_TEACHER_FORCED = (
 
 def find_sglang_python() -> tuple[str | None, str]:
     """(interpreter, how it was chosen), or (None, why there is none and what to do)."""
-    named = os.environ.get(PYTHON_ENV)
-    if named:
-        path = shutil.which(named) or named
-        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-            return None, (f"{PYTHON_ENV}={named!r} is not an executable file; point it at the python of an "
-                          f"environment with SGLang")
-        return path, f"{PYTHON_ENV}={named}"
-    if importlib.util.find_spec("sglang") is not None:
-        return sys.executable, f"this interpreter ({sys.executable}) has sglang"
-    return None, f"SGLang is not importable here ({sys.executable}) and {PYTHON_ENV} is not set; {INSTALL_HINT}"
+    return find_engine_python(PYTHON_ENV, "sglang", "SGLang", INSTALL_HINT)
 
 
 def unavailable_reason() -> str | None:

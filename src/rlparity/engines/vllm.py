@@ -24,11 +24,8 @@ What the numbers mean (vLLM 0.32):
   raw_logprobs) or `"processed"` (processed_logprobs: after temperature, top-k and top-p, renormalised).
 """
 
-import importlib.util
 import json
 import os
-import shutil
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +34,7 @@ import torch
 
 import rlparity
 from rlparity.engines.base import RAW, Routing, Sampling, capture_points, check_request, check_sequence, engine_max_len
-from rlparity.engines.process import EngineProcess, EngineProcessError
+from rlparity.engines.process import EngineProcess, EngineProcessError, find_engine_python
 from rlparity.errors import RlparityError
 from rlparity.models.checkpoint import open_checkpoint
 
@@ -61,16 +58,7 @@ PROCESSED_TEACHER_FORCED = (
 
 def find_vllm_python() -> tuple[str | None, str]:
     """(interpreter, how it was chosen), or (None, why there is none and what to do)."""
-    named = os.environ.get(PYTHON_ENV)
-    if named:
-        path = shutil.which(named) or named
-        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-            return None, (f"{PYTHON_ENV}={named!r} is not an executable file; point it at the python of an "
-                          f"environment with vLLM")
-        return path, f"{PYTHON_ENV}={named}"
-    if importlib.util.find_spec("vllm") is not None:
-        return sys.executable, f"this interpreter ({sys.executable}) has vllm"
-    return None, f"vLLM is not importable here ({sys.executable}) and {PYTHON_ENV} is not set; {INSTALL_HINT}"
+    return find_engine_python(PYTHON_ENV, "vllm", "vLLM", INSTALL_HINT)
 
 
 def unavailable_reason() -> str | None:
