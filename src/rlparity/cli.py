@@ -5,6 +5,7 @@
                                                            per-rank memory by phase, and whether it fits
     rlparity diff --a hf --b vllm                          the first layer where two engines' activations diverge
     rlparity routing --a hf --b vllm --model tiny          per-layer MoE routing agreement and near-tie census
+    rlparity train --steps 60 --algo grpo --old-logprob detach   the reference RL trainer on the tool task
     rlparity model build tiny                              build (or verify) the bundled tiny GPT-OSS
     rlparity dashboard                                     results + benchmarks -> dashboard/index.html
     rlparity env                                           the environment fingerprint results carry
@@ -19,6 +20,7 @@ from rlparity.errors import RlparityError
 from rlparity.memory.cli import add_memory_parser
 from rlparity.parity.diff_command import add_diff_parser
 from rlparity.routing.cli import add_routing_parser
+from rlparity.trainer.cli import add_train_parser
 
 
 def _check_attention(args) -> int:
@@ -117,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_memory_parser(commands)
     add_routing_parser(commands)
     add_diff_parser(commands)
+    add_train_parser(commands)
 
     env = commands.add_parser("env", help="print the environment fingerprint")
     env.set_defaults(run=_env)
