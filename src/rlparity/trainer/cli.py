@@ -2,13 +2,17 @@
 
     rlparity train                                   # GRPO, detach, hf engine, 60 steps on the SFT'd tiny model
     rlparity train --old-logprob recompute --correction tis --engine vllm
-    python -m rlparity.trainer.cli --steps 5         # the same without the top-level command
+    python -m rlparity.trainer.cli train --steps 5   # the same without the top-level command
+    torchrun --nproc-per-node 2 -m rlparity.trainer.cli train --prompts 16   # FSDP2 over 2 gloo ranks
+    rlparity train --fsdp 2                          # the same: re-launches itself under torchrun
 
 Prints a progress line per step, writes every step's metrics (and the reward on held-out tasks before and
 after) to a JSON-lines results file, and plots them (PNG with matplotlib, else the HTML dashboard).
 """
 
 import argparse
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,6 +48,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--results", type=Path, default=None, help="JSON-lines file (default results/train-*.jsonl)")
     parser.add_argument("--report", type=Path, default=None, help="plot path without suffix (default: beside results)")
+    parser.add_argument("--fsdp", type=int, default=None, metavar="N",
+                        help="train data-parallel with FSDP2 on N local processes (re-launches under torchrun); "
+                             "under torchrun itself FSDP2 is on whenever WORLD_SIZE > 1")
     parser.set_defaults(run=run_train)  # the top-level `rlparity` command calls args.run(args)
     return parser
 
@@ -56,15 +63,71 @@ def config_from_args(args) -> TrainConfig:
                        eval_prompts=max(args.eval_prompts, 1), seed=args.seed)
 
 
+def _without_fsdp(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--fsdp":
+            skip = True
+        elif not arg.startswith("--fsdp="):
+            out.append(arg)
+    return out
+
+
+def relaunch_under_torchrun(ranks: int, argv: list[str]) -> int:
+    """This same command on `ranks` local processes under torchrun (standalone rendezvous); its exit code."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+               "-m", "rlparity.trainer.cli", *_without_fsdp(argv)]
+    return subprocess.call(command, env=os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+
+
 def run_train(args) -> int:
+    from rlparity.trainer import distributed
+
+    if args.fsdp is not None:
+        if args.fsdp < 1:
+            raise RlparityError(f"train: --fsdp needs a number of processes >= 1, got {args.fsdp}")
+        if not distributed.launched_distributed():
+            config = config_from_args(args)
+            config.check()
+            distributed.check_split(config.prompts_per_step, config.group, config.resolved_mini_batches, args.fsdp)
+            argv = sys.argv[1:]
+            return relaunch_under_torchrun(args.fsdp, argv[argv.index("train"):] if "train" in argv else argv)
+    if not distributed.launched_distributed():
+        return _train(args)
+    import torch.distributed as dist
+
+    from rlparity.parallel.launch import init_from_env
+
+    # The trainer runs on the CPU whatever the machine has, so the process group is gloo.
+    init_from_env(timeout_s=distributed.TRAIN_COLLECTIVE_TIMEOUT_S, backend="gloo")
+    try:
+        code = _train(args)
+        # Ranks leave together: a rank that tears its gloo connections down while rank 0 still writes the report
+        # can make rank 0's gloo abort the process on the closed connection.
+        dist.barrier()
+        return code
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(args) -> int:
+    from rlparity.trainer import distributed
     from rlparity.trainer.run import open_sampler, train_run
     from rlparity.trainer.sft import sft_checkpoint
 
     config = config_from_args(args)
     config.check()  # refuse bad combinations before building or starting anything
+    if distributed.active():
+        distributed.check_split(config.prompts_per_step, config.group, config.resolved_mini_batches,
+                                distributed.world_size())
+    # Every rank takes the same SFT checkpoint: the first builds it under a file lock, the others wait and reuse it.
     checkpoint = args.checkpoint or sft_checkpoint(config.model, log=lambda line: print(line, file=sys.stderr))
-    store = ResultStore(args.results or default_results_path("train"))
+    store = ResultStore(args.results or default_results_path("train"))  # written by rank 0 alone
     summary = train_run(config, checkpoint, store, evaluate=args.eval_prompts > 0, sampler_factory=open_sampler)
+    if distributed.rank() != 0:
+        return 0
     from rlparity.trainer.report import write_report
 
     plot = write_report([store.path], args.report or store.path.with_suffix(""))

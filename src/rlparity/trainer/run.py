@@ -5,6 +5,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rlparity.results import ResultStore
+from rlparity.trainer import distributed
 from rlparity.trainer.config import TrainConfig
 from rlparity.trainer.trainer import Trainer
 
@@ -25,7 +26,8 @@ def train_run(config: TrainConfig, checkpoint: Path, store: ResultStore, *, eval
     """Closes the engine on the way out, also when a step fails (the error record is already written)."""
     config.check()
     start = time.monotonic()
-    sampler = sampler_factory(config, checkpoint)
+    # Under FSDP rank 0 alone runs the rollout engine (rlparity.trainer.distributed).
+    sampler = sampler_factory(config, checkpoint) if distributed.rank() == 0 else None
     try:
         trainer = Trainer(config, checkpoint, sampler, store, **trainer_options)
         summary: dict = {}
