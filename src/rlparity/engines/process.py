@@ -193,3 +193,26 @@ class EngineProcess:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def launch_worker(engine: str, python: str, module: str, options: dict, start_timeout: float,
+                  log_path=None) -> tuple["EngineProcess", dict]:
+    """Start `python -m module --options JSON` as an engine process; (process, the worker's info) once ready.
+
+    The worker's interpreter imports this checkout's rlparity (wire format, worker code), installed there or not.
+    """
+    import json
+
+    import rlparity
+
+    env = dict(os.environ)
+    package_root = str(Path(rlparity.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONUNBUFFERED"] = "1"
+    argv = [python, "-m", module, "--options", json.dumps(options)]
+    process = EngineProcess(engine, argv, env=env, log_path=log_path)
+    try:
+        return process, process.start(start_timeout)
+    except BaseException:
+        process.close()
+        raise

@@ -29,16 +29,13 @@ Unverified here: the development machines have no GPU, so this engine has only r
 (discovery, validation, the parsing of SGLang's output); the gpu-marked tests exercise the rest.
 """
 
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-import rlparity
 from rlparity.engines.base import RAW, Sampling, check_request, engine_max_len
-from rlparity.engines.process import EngineProcess, EngineProcessError, find_engine_python
+from rlparity.engines.process import EngineProcess, EngineProcessError, find_engine_python, launch_worker
 from rlparity.errors import RlparityError
 from rlparity.models.checkpoint import open_checkpoint
 
@@ -136,18 +133,7 @@ class SglangEngine:
             python, how = find_sglang_python()
             if python is None:
                 raise RlparityError(f"sglang engine unavailable: {how}")
-        env = dict(os.environ)
-        # The engine's interpreter imports this checkout's rlparity (wire format, worker), installed or not.
-        package_root = str(Path(rlparity.__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
-        env["PYTHONUNBUFFERED"] = "1"
-        argv = [python, "-m", "rlparity.engines.sglang_worker", "--options", json.dumps(self.options)]
-        process = EngineProcess("sglang", argv, env=env, log_path=log_path)
-        try:
-            return process, process.start(start_timeout)
-        except BaseException:
-            process.close()
-            raise
+        return launch_worker("sglang", python, "rlparity.engines.sglang_worker", self.options, start_timeout, log_path)
 
     @property
     def pid(self) -> int | None:

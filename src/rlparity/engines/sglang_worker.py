@@ -123,21 +123,8 @@ def serve(server: Server, requests, respond) -> None:
         "info": lambda request: server.info(),
         "prompt_logprobs": lambda request: server.prompt_logprobs(request["token_ids"]),
     }
-    for line in requests:
-        request = wire.loads(line)
-        op = request.get("op")
-        if op == "shutdown":
-            server.shutdown()
-            respond({"id": request["id"], "ok": True, "result": {}})
-            return
-        try:
-            if op not in handlers:
-                raise ValueError(f"unknown request {op!r}; expected one of {sorted(handlers) + ['shutdown']}")
-            respond({"id": request["id"], "ok": True, "result": handlers[op](request)})
-        except Exception as exc:
-            traceback.print_exc()
-            respond({"id": request["id"], "ok": False, "error": f"{type(exc).__name__}: {exc}"})
-    server.shutdown()  # stdin closed: the parent is gone
+    if not wire.serve_requests(requests, respond, handlers, on_shutdown=server.shutdown):
+        server.shutdown()  # stdin closed: the parent is gone
 
 
 def main(argv=None) -> int:

@@ -24,17 +24,14 @@ What the numbers mean (vLLM 0.32):
   raw_logprobs) or `"processed"` (processed_logprobs: after temperature, top-k and top-p, renormalised).
 """
 
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-import rlparity
 from rlparity.engines.base import RAW, Routing, Sampling, capture_points, check_request, check_sequence, engine_max_len
-from rlparity.engines.process import EngineProcess, EngineProcessError, find_engine_python
+from rlparity.engines.process import EngineProcess, EngineProcessError, find_engine_python, launch_worker
 from rlparity.errors import RlparityError
 from rlparity.models.checkpoint import open_checkpoint
 
@@ -142,18 +139,7 @@ class VllmEngine:
             python, how = find_vllm_python()
             if python is None:
                 raise RlparityError(f"vllm engine unavailable: {how}")
-        env = dict(os.environ)
-        # The engine's interpreter imports this checkout's rlparity (wire format, capture hooks), installed or not.
-        package_root = str(Path(rlparity.__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
-        env["PYTHONUNBUFFERED"] = "1"
-        argv = [python, "-m", "rlparity.engines.vllm_worker", "--options", json.dumps(self.options)]
-        process = EngineProcess("vllm", argv, env=env, log_path=log_path)
-        try:
-            return process, process.start(start_timeout)
-        except BaseException:
-            process.close()
-            raise
+        return launch_worker("vllm", python, "rlparity.engines.vllm_worker", self.options, start_timeout, log_path)
 
     @property
     def window_mismatches(self) -> list[str]:

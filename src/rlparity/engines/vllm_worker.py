@@ -183,19 +183,7 @@ def serve(server: Server, requests, respond) -> None:
             request["seed"], request["ignore_eos"]),
         "capture": lambda request: server.capture_activations(request["token_ids"]),
     }
-    for line in requests:
-        request = wire.loads(line)
-        op = request.get("op")
-        if op == "shutdown":
-            respond({"id": request["id"], "ok": True, "result": {}})
-            return
-        try:
-            if op not in handlers:
-                raise ValueError(f"unknown request {op!r}; expected one of {sorted(handlers) + ['shutdown']}")
-            respond({"id": request["id"], "ok": True, "result": handlers[op](request)})
-        except Exception as exc:
-            traceback.print_exc()
-            respond({"id": request["id"], "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+    wire.serve_requests(requests, respond, handlers)
 
 
 def main(argv=None) -> int:

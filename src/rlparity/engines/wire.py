@@ -48,3 +48,28 @@ def loads(line: bytes) -> dict:
     if not isinstance(message, dict):
         raise ValueError(f"expected a JSON object per line, got {type(message).__name__}: {line[:200]!r}")
     return message
+
+
+def serve_requests(requests, respond, handlers: dict, on_shutdown=lambda: None) -> bool:
+    """The worker's loop: one JSON request a line, answered by handlers[op](request), until "shutdown" or EOF.
+
+    A handler's exception is answered as an error (its traceback goes to the log) and the loop goes on.
+    Returns True after a "shutdown" request (on_shutdown ran before the answer), False at end of input.
+    """
+    import traceback
+
+    for line in requests:
+        request = loads(line)
+        op = request.get("op")
+        if op == "shutdown":
+            on_shutdown()
+            respond({"id": request["id"], "ok": True, "result": {}})
+            return True
+        try:
+            if op not in handlers:
+                raise ValueError(f"unknown request {op!r}; expected one of {sorted(handlers) + ['shutdown']}")
+            respond({"id": request["id"], "ok": True, "result": handlers[op](request)})
+        except Exception as exc:
+            traceback.print_exc()
+            respond({"id": request["id"], "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+    return False
