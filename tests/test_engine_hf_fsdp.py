@@ -18,7 +18,7 @@ from rlparity.engines.base import Sampling
 from rlparity.engines.hf_fsdp import HFFsdpEngine, slice_bounds
 from rlparity.errors import RlparityError
 from rlparity.metrics import K_FORWARD, rounding_floor, tolerance
-from rlparity.models.language import Language
+from tests.conftest import language_sequences
 
 pytestmark = pytest.mark.multi_process
 
@@ -32,9 +32,7 @@ PROMPT_LENGTHS = (12, 1, 20, 47, 8, 16, 3)
 
 @pytest.fixture(scope="module")
 def sequences(hf_micro):
-    language = Language(hf_micro.config["vocab_size"], seed=0)
-    block = next(language.batches(seed=7, batch=len(SEQUENCE_LENGTHS), seq_len=max(SEQUENCE_LENGTHS)))
-    return [row[:length] for row, length in zip(block, SEQUENCE_LENGTHS)]
+    return language_sequences(hf_micro.config["vocab_size"], SEQUENCE_LENGTHS)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from rlparity.engines.sglang import (
 from rlparity.engines.sglang_worker import FIXED_ENGINE_ARGS, engine_args, input_logprobs
 from rlparity.errors import RlparityError
 from rlparity.metrics import K_FORWARD
+from tests.conftest import language_sequences
 
 pytestmark = pytest.mark.engine_sglang
 
@@ -174,11 +175,7 @@ PROMPT_LENGTHS = (12, 1, 20, 47, 8, 16)
 
 @pytest.fixture(scope="module")
 def sequences(reference_micro):
-    from rlparity.models.language import Language
-
-    language = Language(reference_micro.config["vocab_size"], seed=0)
-    block = next(language.batches(seed=7, batch=len(SEQUENCE_LENGTHS), seq_len=max(SEQUENCE_LENGTHS)))
-    return [row[:length] for row, length in zip(block, SEQUENCE_LENGTHS)]
+    return language_sequences(reference_micro.config["vocab_size"], SEQUENCE_LENGTHS)
 
 
 @pytest.fixture(scope="module")

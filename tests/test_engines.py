@@ -13,7 +13,7 @@ import torch
 from rlparity.engines import CaptureEngine, RoutingEngine, capture_points, open_engine
 from rlparity.errors import RlparityError
 from rlparity.metrics import K_FORWARD, max_abs_error, rounding_floor, tolerance
-from rlparity.models.language import Language
+from tests.conftest import language_sequences
 
 # Issue 5's acceptance bound for fp32 trainer-engine parity (it measured 5e-7 on a random 2-layer model).
 FP32_PARITY_BOUND = 1e-4
@@ -23,9 +23,7 @@ PROMPT_LENGTHS = (12, 1, 20, 47, 8, 16)
 
 @pytest.fixture(scope="module")
 def sequences(reference_micro):
-    language = Language(reference_micro.config["vocab_size"], seed=0)
-    block = next(language.batches(seed=7, batch=len(SEQUENCE_LENGTHS), seq_len=max(SEQUENCE_LENGTHS)))
-    return [row[:length] for row, length in zip(block, SEQUENCE_LENGTHS)]
+    return language_sequences(reference_micro.config["vocab_size"], SEQUENCE_LENGTHS)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import traceback
 
 from rlparity.engines import wire
 
@@ -132,22 +131,7 @@ def main(argv=None) -> int:
     parser.add_argument("--response-fd", type=int, required=True)
     parser.add_argument("--options", required=True, help="JSON object of engine options (see SglangEngine)")
     args = parser.parse_args(argv)
-    os.set_inheritable(args.response_fd, False)  # SGLang's child processes must not write to the channel
-    responses = os.fdopen(args.response_fd, "wb", buffering=0)
-
-    def respond(message: dict) -> None:
-        responses.write(wire.dumps(message))
-
-    try:
-        server = Server(json.loads(args.options))
-        info = server.info()
-    except Exception as exc:
-        traceback.print_exc()
-        respond({"id": 0, "ok": False, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"})
-        return 1
-    respond({"id": 0, "ok": True, "result": info})
-    serve(server, sys.stdin.buffer, respond)
-    return 0
+    return wire.run_worker(args.response_fd, lambda: Server(json.loads(args.options)), serve, sys.stdin.buffer)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import traceback
 from functools import partial
 
 from rlparity.engines import wire
@@ -191,25 +190,14 @@ def main(argv=None) -> int:
     parser.add_argument("--response-fd", type=int, required=True)
     parser.add_argument("--options", required=True, help="JSON object of engine options (see VllmEngine)")
     args = parser.parse_args(argv)
-    os.set_inheritable(args.response_fd, False)  # processes vLLM may spawn must not write to the channel
-    responses = os.fdopen(args.response_fd, "wb", buffering=0)
-
-    def respond(message: dict) -> None:
-        responses.write(wire.dumps(message))
-
     options = json.loads(args.options)
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options["cpu_kv_cache_gib"]))
-    try:
-        server = Server(options)
-        info = server.info()
-    except Exception as exc:
-        traceback.print_exc()
-        respond({"id": 0, "ok": False, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"})
-        return 1
-    respond({"id": 0, "ok": True, "result": info})
-    serve(server, sys.stdin.buffer, respond)
-    return 0
+
+    def make_server() -> Server:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options["cpu_kv_cache_gib"]))
+        return Server(options)
+
+    return wire.run_worker(args.response_fd, make_server, serve, sys.stdin.buffer)
 
 
 def exit_now(code: int) -> None:

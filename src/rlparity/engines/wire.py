@@ -73,3 +73,30 @@ def serve_requests(requests, respond, handlers: dict, on_shutdown=lambda: None) 
             traceback.print_exc()
             respond({"id": request["id"], "ok": False, "error": f"{type(exc).__name__}: {exc}"})
     return False
+
+
+def run_worker(response_fd: int, make_server, serve, requests) -> int:
+    """An engine worker's life: build the server, answer request 0 with its info (or the error), then serve.
+
+    `serve(server, requests, respond)` answers the rest; answers go to `response_fd`, never inherited by
+    processes the engine spawns. Returns the process exit status.
+    """
+    import os
+    import traceback
+
+    os.set_inheritable(response_fd, False)
+    responses = os.fdopen(response_fd, "wb", buffering=0)
+
+    def respond(message: dict) -> None:
+        responses.write(dumps(message))
+
+    try:
+        server = make_server()
+        info = server.info()
+    except Exception as exc:
+        traceback.print_exc()
+        respond({"id": 0, "ok": False, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"})
+        return 1
+    respond({"id": 0, "ok": True, "result": info})
+    serve(server, requests, respond)
+    return 0
