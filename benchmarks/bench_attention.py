@@ -5,7 +5,9 @@
 CUDA: GPT-OSS shapes (64 query heads, 8 KV heads, head_dim 64, bfloat16), full causal and the
 128-token sliding window, sequence 1k/4k/8k/16k, batch 1. Each record's extra_info holds the FLOPs
 (counted exactly over the visible (query, key) pairs, rlparity.attention.flops), TFLOP/s at the median
-time, that as a percentage of the bfloat16 matmul peak measured in the same session, and the peak memory
+GPU time (CUDA events around back-to-back calls, `tflops`) and at pytest-benchmark's wall-clock median
+(each round synchronised, host overhead included, `tflops_wall_clock`), the first as a percentage of the
+bfloat16 matmul peak measured in the same session (best of 20 by CUDA events), and the peak memory
 the call allocates above its inputs (torch.cuda.max_memory_allocated). FlexAttention is timed compiled
 (uncompiled it falls back to materialising the scores); the float64 `reference` is not a kernel and is
 not benchmarked.
@@ -18,11 +20,19 @@ would mix in allocator caching and the interpreter's own numpy temporaries (whic
 registers, not memory), and tracemalloc does not see torch's allocations at all. Each CPU cell runs
 once, metered and timed together.
 
+RLPARITY_BENCH_LOG=FILE also appends each cell's numbers to FILE as one JSON line as soon as it is measured
+(pytest-benchmark writes its JSON only when the session ends normally; a run cut short keeps the log).
+RLPARITY_TRITON_BLOCKS=FILE runs the triton backend on CUDA with the BlockConfig in FILE (the JSON that
+benchmarks/tune_triton_blocks.py writes); each record names the tiles it ran with.
+
 A benchmark records numbers and never fails on them; a backend that cannot run a cell (probe reason,
 out of memory) is skipped with the reason.
 """
 
+import dataclasses
 import functools
+import gc
+import json
 import os
 
 import pytest
@@ -98,15 +108,28 @@ def _inputs(seq, shape, dtype, with_grad):
     return (q, k, v, sinks), dout
 
 
-def _function(backend: Backend):
-    if backend.name == "triton" and not ON_CUDA:
-        return functools.partial(triton_sink.attend, config=CPU_TRITON_CONFIG)
+def _triton_config(head_dim, dtype):
+    if not ON_CUDA:
+        return CPU_TRITON_CONFIG
+    if path := os.environ.get("RLPARITY_TRITON_BLOCKS"):
+        with open(path) as handle:
+            return triton_sink.BlockConfig(**json.load(handle)["config"])
+    return triton_sink.block_config(DEVICE, head_dim, dtype)
+
+
+def _function(backend: Backend, shape, dtype):
+    if backend.name == "triton":
+        return functools.partial(triton_sink.attend, config=_triton_config(shape["head_dim"], dtype))
     if backend.name == "flex" and ON_CUDA:
-        return torch.compile(backend.attend)
+        # One static compile per cell, from a clean slate: after a shape change dynamo recompiles with
+        # dynamic shapes, and that flex graph failed to lower in torch 2.11 on an H100 (InductorError
+        # "'ShapeAsConstantBuffer' object has no attribute 'dtype'", window cells and seq 16k).
+        torch._dynamo.reset()
+        return torch.compile(backend.attend, dynamic=False)
     return backend.attend
 
 
-def _step(fn, tensors, dout, window, mode):
+def _step(fn, tensors, dout, window, mode, sync=True):
     def run():
         if mode == "fwd":
             with torch.no_grad():
@@ -114,10 +137,35 @@ def _step(fn, tensors, dout, window, mode):
         else:
             out, _ = fn(*tensors, causal=True, window=window)
             torch.autograd.grad(out, tensors, dout)
-        if ON_CUDA:
+        if ON_CUDA and sync:
             torch.cuda.synchronize()
 
     return run
+
+
+def _cuda_event_median(run, rounds=CUDA_ROUNDS) -> float:
+    """Median seconds of `run` between CUDA events, the host never waiting in between: the GPU's time.
+
+    pytest-benchmark's wall clock adds the host's launch overhead and a synchronisation to every round
+    (0.3 ms on a 1.3 ms kernel, seen on an H100), which a training step overlaps with earlier GPU work.
+    """
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rounds)]
+    for start, stop in events:
+        start.record()
+        run()
+        stop.record()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(stop) / 1e3 for start, stop in events)
+    return times[len(times) // 2]
+
+
+def _log_cell(benchmark) -> None:
+    if path := os.environ.get("RLPARITY_BENCH_LOG"):
+        stats = benchmark.stats.stats
+        row = {"name": benchmark.name, "median_s": stats.median, "min_s": stats.min, "max_s": stats.max,
+               "rounds": stats.rounds, "extra_info": benchmark.extra_info}
+        with open(path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
 
 
 @pytest.fixture(scope="session")
@@ -158,6 +206,7 @@ def test_matmul_peak(benchmark, matmul_peak_tflops):
         "tflops_median": 2 * n**3 / benchmark.stats.stats.median / 1e12,
         "tflops_best_cuda_events": matmul_peak_tflops, "environment": environment_fingerprint(),
     })
+    _log_cell(benchmark)
 
 
 def _measure_peak(run) -> int:
@@ -182,34 +231,48 @@ def test_attention(benchmark, matmul_peak_tflops, backend, cell, mode):
     shape, dtype = (GPT_OSS, CUDA_DTYPE) if ON_CUDA else (CPU_SHAPE, CPU_DTYPE)
     if dtype not in backend.dtypes:
         pytest.skip(f"{backend.name} does not support {dtype}")
+    if ON_CUDA:  # what earlier cells left (an out-of-memory traceback's tensors) must not count here
+        gc.collect()
+        torch.cuda.empty_cache()
     tensors, dout = _inputs(seq, shape, dtype, with_grad=mode == "fwd_bwd")
+    gpu_median = None
     try:
-        run = _step(_function(backend), tensors, dout, window, mode)
+        fn = _function(backend, shape, dtype)
+        run = _step(fn, tensors, dout, window, mode)
         if ON_CUDA:
             peak = _measure_peak(run)
             benchmark.pedantic(run, rounds=CUDA_ROUNDS, warmup_rounds=CUDA_WARMUP_ROUNDS, iterations=1)
+            gpu_median = _cuda_event_median(_step(fn, tensors, dout, window, mode, sync=False))
         else:
             peaks = []
             benchmark.pedantic(lambda: peaks.append(_measure_peak(run)), rounds=1, warmup_rounds=0, iterations=1)
             peak = peaks[0]
     except torch.OutOfMemoryError as exc:
+        message = str(exc).splitlines()[0]
+        del exc, tensors, dout
         if ON_CUDA:
+            gc.collect()
             torch.cuda.empty_cache()
-        pytest.skip(f"{backend.name} ran out of memory at seq {seq}: {str(exc).splitlines()[0]}")
+        pytest.skip(f"{backend.name} ran out of memory at seq {seq}: {message}")
 
     flops = attention_flops(1, shape["heads_q"], seq, seq, shape["head_dim"], causal=True, window=window,
                             backward=mode == "fwd_bwd")
-    median = benchmark.stats.stats.median
+    wall_median = benchmark.stats.stats.median
     info = {
         "backend": backend.name, "mode": mode, "device": str(DEVICE), "dtype": str(dtype).removeprefix("torch."),
         "seq": seq, "window": window, "causal": True, **shape, "flops": flops,
-        "tflops": flops / median / 1e12, "peak_memory_bytes": peak,
+        "tflops_wall_clock": flops / wall_median / 1e12, "peak_memory_bytes": peak,
         "compiled": backend.name == "flex" and ON_CUDA,
+        "triton_config": dataclasses.asdict(_triton_config(shape["head_dim"], dtype)) if backend.name == "triton"
+        else None,
         "environment": environment_fingerprint(),
     }
-    if not ON_CUDA:
+    if gpu_median is not None:
+        info["cuda_event_median_s"] = gpu_median
+        info["tflops"] = flops / gpu_median / 1e12
+    else:
+        info["tflops"] = info["tflops_wall_clock"]
         info["note"] = "CPU: time includes memory tracking and the Triton interpreter; compare memory only"
-        info["triton_config"] = vars(CPU_TRITON_CONFIG) if backend.name == "triton" else None
     if matmul_peak_tflops:
         info["matmul_peak_tflops"] = matmul_peak_tflops
         info["pct_of_matmul_peak"] = 100 * info["tflops"] / matmul_peak_tflops
@@ -218,3 +281,4 @@ def test_attention(benchmark, matmul_peak_tflops, backend, cell, mode):
     if eager_peak and backend.name != "eager":
         info["memory_ratio_vs_eager"] = peak / eager_peak
     benchmark.extra_info.update(info)
+    _log_cell(benchmark)

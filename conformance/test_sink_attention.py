@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import selected_attention_backends
 
-from rlparity.attention.cases import CASES, CASES_BY_NAME, DTYPE_NAMES
+from rlparity.attention.cases import CASES, CASES_BY_NAME, DTYPE_NAMES, LARGE_CASES
 from rlparity.attention.matrix import QUANTITIES, SENSITIVITY_CASE, measure, sink_sensitivity, to_records
 from rlparity.results import ERROR, FAIL, SKIP
 
@@ -20,12 +20,14 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def pytest_generate_tests(metafunc):
     backends = selected_attention_backends(metafunc.config)
-    marks = lambda backend: [pytest.mark.gpu] if backend.gpu_only else []  # noqa: E731
+    marks = lambda backend, case=None: (  # noqa: E731
+        [pytest.mark.gpu] if backend.gpu_only or case in LARGE_CASES else [])
     if metafunc.definition.name == "test_sink_attention":
         params = [
-            pytest.param(backend, dtype, case, quantity, marks=marks(backend),
+            pytest.param(backend, dtype, case, quantity, marks=marks(backend, case),
                          id=f"{backend.name}-{DTYPE_NAMES[dtype]}-{case.name}-{quantity}")
-            for backend, dtype, case, quantity in itertools.product(backends, DTYPES, CASES, QUANTITIES)
+            for backend, dtype, case, quantity in itertools.product(backends, DTYPES, CASES + LARGE_CASES,
+                                                                    QUANTITIES)
         ]
         metafunc.parametrize(("backend", "dtype", "case", "quantity"), params)
     elif metafunc.definition.name == "test_sink_sensitivity":
@@ -64,6 +66,9 @@ def _judge(measurement):
 
 
 def test_sink_attention(matrix, backend, dtype, case, quantity):
+    if case in LARGE_CASES and matrix.device.type != "cuda":
+        pytest.skip(f"{case.name} is a GPT-OSS-sized case for CUDA (its float64 reference holds 2 GiB score "
+                    "tensors): run `nox -s gpu_conformance` on a GPU machine")
     measurements = matrix.get(("matrix", backend.name, case.name, dtype), measure, backend, case, dtype,
                               "sink_attention")
     _judge(measurements[quantity])

@@ -57,10 +57,10 @@ def _inputs(batch, heads_q, heads_kv, seq_q, seq_k, head_dim, options, dtype=tor
     return tensors, dout, dlse, kwargs
 
 
-def _triton_values(tensors, dout, dlse, kwargs):
+def _triton_values(tensors, dout, dlse, kwargs, config=None):
     """Every quantity, with the two sink gradients taken through dO and dLSE separately."""
     leaves = [t.clone().requires_grad_() for t in tensors]
-    out, lse = triton_sink.attend(*leaves, **kwargs)
+    out, lse = triton_sink.attend(*leaves, **kwargs, config=config)
     grads = torch.autograd.grad(out, leaves, dout, retain_graph=True)
     (dsink_lse,) = torch.autograd.grad(lse, leaves[3], dlse)
     return dict(zip(QUANTITIES, (out, lse, *grads, dsink_lse)))
@@ -99,6 +99,35 @@ def test_triton_matches_reference_float32(case, quantity):
     naive_error = max_abs_error(naive[quantity], exact[quantity])
     tol = tolerance(naive_error, rounding_floor(exact[quantity], torch.float32), k)
     assert error <= tol, f"{case} {quantity}: error {error:.3g} > {tol:.3g} ({k} x naive {naive_error:.3g} + floor)"
+
+
+# Larger than the CUDA tiles (up to 128 rows), so that their loops run several blocks in every phase.
+CUDA_TILE_CASES = {
+    "causal_gqa": (1, 4, 2, 300, 300, 64, dict()),
+    "varlen_window": (1, 4, 1, 300, 300, 64, dict(window=100, seqlens=(150, 1, 149))),
+    "head_dim_128_window": (1, 2, 1, 260, 260, 128, dict(window=70)),
+}
+
+
+@needs_triton
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU the conformance matrix runs the CUDA tiles natively")
+@pytest.mark.parametrize("capability", [(8, 0), (9, 0)], ids=["sm80", "sm90"])
+@pytest.mark.parametrize("tile_dtype", [torch.bfloat16, torch.float32], ids=["tiles_16bit", "tiles_fp32"])
+@pytest.mark.parametrize("case", CUDA_TILE_CASES)
+def test_cuda_tiles_compute_the_same_function(case, tile_dtype, capability):
+    """The tile sizes a GPU runs, interpreted on float32 inputs: block loops, phases and masks at those sizes."""
+    batch, heads_q, heads_kv, seq_q, seq_k, head_dim, options = CUDA_TILE_CASES[case]
+    config = triton_sink.cuda_block_config(capability, head_dim, tile_dtype)
+    tensors, dout, dlse, kwargs = _inputs(*CUDA_TILE_CASES[case], seed=7)
+    candidate = _triton_values(tensors, dout, dlse, kwargs, config=config)
+    exact = _math_values([t.double() for t in tensors], dout.double(), dlse.double(), kwargs)
+    naive = _math_values(list(tensors), dout, dlse, kwargs)
+    for quantity in QUANTITIES:
+        k = K_FORWARD if quantity in ("out", "lse") else K_BACKWARD
+        error = max_abs_error(candidate[quantity], exact[quantity])
+        naive_error = max_abs_error(naive[quantity], exact[quantity])
+        tol = tolerance(naive_error, rounding_floor(exact[quantity], torch.float32), k)
+        assert error <= tol, f"{config}: {quantity} error {error:.3g} > {tol:.3g} ({k} x naive {naive_error:.3g})"
 
 
 @needs_triton

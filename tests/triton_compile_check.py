@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     from rlparity.attention import triton_sink_kernels as kernels
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    cfg = triton_sink.block_config(torch.device("cuda"), args.head_dim, torch_dtype)
+    cfg = triton_sink.cuda_block_config(divmod(args.arch, 10), args.head_dim, torch_dtype)
     elem = "*" + TRITON_TYPES[args.dtype]
     target = GPUTarget("cuda", args.arch, 32)
     varlen_pointer = {"CuSeqlens": "*i32"} if args.varlen else {}
@@ -69,7 +69,8 @@ def main(argv=None) -> int:
                    {**common, "BLOCK_M": cfg.fwd_m, "BLOCK_N": cfg.fwd_n}, cfg.fwd_warps, cfg.fwd_stages)
     compile_kernel(kernels._bwd_dkdv_kernel,
                    {**io, "DOut": elem, "Lse2": "*fp32", "Delta": "*fp32", "DK": elem, "DV": elem},
-                   {**common, "BLOCK_M": cfg.dkdv_m, "BLOCK_N": cfg.dkdv_n}, cfg.bwd_warps, cfg.bwd_stages)
+                   {**common, "BLOCK_M": cfg.dkdv_m, "BLOCK_N": cfg.dkdv_n,
+                    "GROUP_PARTIALS": args.dtype == "fp32"}, cfg.bwd_warps, cfg.bwd_stages)
     compile_kernel(kernels._bwd_dq_kernel,
                    {**io, "DOut": elem, "Lse2": "*fp32", "Delta": "*fp32", "DQ": elem},
                    {**common, "BLOCK_M": cfg.dq_m, "BLOCK_N": cfg.dq_n}, cfg.bwd_warps, cfg.bwd_stages)

@@ -61,7 +61,18 @@ CASES = (
     Case("scale", seq_q=24, scale=0.35),
     Case("bidirectional", seq_q=24, causal=False),
 )
-CASES_BY_NAME = {case.name: case for case in CASES}
+# GPT-OSS-sized cases (64 query heads, 8 KV heads, window 128) that run many tiles of a flash kernel's
+# real CUDA block configuration, which the small cases never reach. Run on CUDA only: their float64
+# reference materialises 2 GiB score tensors.
+GPT_OSS_WINDOW = 128
+LARGE_CASES = (
+    Case("gpt_oss_causal_2k", heads_q=64, heads_kv=8, seq_q=2048),
+    Case("gpt_oss_window_2k", heads_q=64, heads_kv=8, seq_q=2048, window=GPT_OSS_WINDOW),
+    Case("gpt_oss_decode_2k", heads_q=64, heads_kv=8, seq_q=64, seq_k=2048, window=GPT_OSS_WINDOW),
+    _packed("varlen_window_2k", (700, 1, 1100, 247), heads_q=16, heads_kv=2, window=GPT_OSS_WINDOW),
+    Case("head_dim128_causal_1k", heads_q=16, heads_kv=2, seq_q=1024, head_dim=128),
+)
+CASES_BY_NAME = {case.name: case for case in CASES + LARGE_CASES}
 
 
 @dataclass

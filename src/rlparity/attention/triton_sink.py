@@ -67,25 +67,35 @@ class BlockConfig:
 
 
 def block_config(device: torch.device, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> BlockConfig:
-    """Tile sizes per device (and, on CUDA, per head_dim and dtype).
+    """Tile sizes per device (on CUDA: per compute capability, head_dim and dtype, `cuda_block_config`).
 
-    CUDA: the shapes of FlashAttention-2 in Triton (large query tiles in the forward and dQ, large key
-    tiles in dK/dV, software-pipelined). They compile for sm80 and sm90 within shared memory (checked by
-    compiling, not by running: they are a starting point, untuned on a GPU from this repository); float32
-    tiles are halved, as its IEEE FMA dots hold twice the bytes per element. CPU (interpreter): every tile
-    costs a fixed Python overhead, but small tiles keep the masked-off waste low on the small shapes the
-    CPU suites use and make their loops run several blocks.
+    CPU (interpreter): every tile costs a fixed Python overhead, but small tiles keep the masked-off waste
+    low on the small shapes the CPU suites use and make their loops run several blocks.
     """
     if device.type == "cuda":
-        if dtype == torch.float32:
-            return BlockConfig(fwd_m=64, fwd_n=32, dkdv_m=32, dkdv_n=64, dq_m=64, dq_n=32, preprocess_m=128,
-                               fwd_warps=4, fwd_stages=2, bwd_warps=4, bwd_stages=2)
-        if head_dim <= 64:
-            return BlockConfig(fwd_m=128, fwd_n=64, dkdv_m=32, dkdv_n=128, dq_m=128, dq_n=32, preprocess_m=128,
-                               fwd_warps=4, fwd_stages=3, bwd_warps=4, bwd_stages=3)
-        return BlockConfig(fwd_m=128, fwd_n=64, dkdv_m=32, dkdv_n=64, dq_m=64, dq_n=32, preprocess_m=128,
-                           fwd_warps=8, fwd_stages=3, bwd_warps=4, bwd_stages=2)
+        return cuda_block_config(torch.cuda.get_device_capability(device), head_dim, dtype)
     return BlockConfig(fwd_m=16, fwd_n=32, dkdv_m=16, dkdv_n=32, dq_m=16, dq_n=32, preprocess_m=64)
+
+
+def cuda_block_config(capability: tuple[int, int], head_dim: int, dtype: torch.dtype) -> BlockConfig:
+    """The shapes of FlashAttention-2 in Triton (large query tiles in the forward and dQ, large key tiles
+    in dK/dV, software-pipelined), compiled for sm80 and sm90 within shared memory; float32 tiles are
+    halved, as its IEEE FMA dots hold twice the bytes per element. Hopper with head_dim <= 64 (GPT-OSS)
+    runs the tiles benchmarks/tune_triton_blocks.py measured fastest on an H100 (seq 8k, causal, bf16):
+    forward 64 x 64 tiles in 2 stages, 1.34 ms against 1.45 ms for 128 x 64 in 3; dQ 64 x 32, 6.55 ms
+    forward+backward against 6.85 ms (benchmarks/results/h100-2026-11-26/). Other shapes are untuned.
+    """
+    if dtype == torch.float32:
+        return BlockConfig(fwd_m=64, fwd_n=32, dkdv_m=32, dkdv_n=64, dq_m=64, dq_n=32, preprocess_m=128,
+                           fwd_warps=4, fwd_stages=2, bwd_warps=4, bwd_stages=2)
+    if head_dim <= 64:
+        if capability[0] == 9:
+            return BlockConfig(fwd_m=64, fwd_n=64, dkdv_m=32, dkdv_n=128, dq_m=64, dq_n=32, preprocess_m=128,
+                               fwd_warps=4, fwd_stages=2, bwd_warps=4, bwd_stages=3)
+        return BlockConfig(fwd_m=128, fwd_n=64, dkdv_m=32, dkdv_n=128, dq_m=128, dq_n=32, preprocess_m=128,
+                           fwd_warps=4, fwd_stages=3, bwd_warps=4, bwd_stages=3)
+    return BlockConfig(fwd_m=128, fwd_n=64, dkdv_m=32, dkdv_n=64, dq_m=64, dq_n=32, preprocess_m=128,
+                       fwd_warps=8, fwd_stages=3, bwd_warps=4, bwd_stages=2)
 
 
 def probe(device: torch.device) -> str:
@@ -230,7 +240,7 @@ def _backward(q, k, v, sinks, out, lse2, dout, dlse, causal, window, scale, cu_s
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         lse2.stride(0), lse2.stride(1),
         seq_q, seq_k, groups, scale * kernels.LOG2E, scale, window or 0,
-        BLOCK_M=cfg.dkdv_m, BLOCK_N=cfg.dkdv_n, **common,
+        BLOCK_M=cfg.dkdv_m, BLOCK_N=cfg.dkdv_n, GROUP_PARTIALS=q.dtype == torch.float32, **common,
     )
     kernels._bwd_dq_kernel[_grid_rows(seq_q, cfg.dq_m, batch, cu_seqlens, heads_q)](
         q, k, v, dout, lse2, delta, dq, cu_seqlens, *strides_in,
