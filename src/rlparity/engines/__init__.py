@@ -15,7 +15,9 @@ from rlparity.engines.base import (
     RoutingEngine,
     Sampling,
     capture_points,
+    captures,
     require_same_tokenizers,
+    routes,
 )
 from rlparity.errors import RlparityError
 
@@ -54,8 +56,10 @@ __all__ = [
     "RoutingEngine",
     "Sampling",
     "capture_points",
+    "captures",
     "engine_names",
     "open_engine",
     "register_engine",
     "require_same_tokenizers",
+    "routes",
 ]

@@ -101,6 +101,20 @@ class CaptureEngine(Protocol):
     def hidden_states(self, token_ids: Sequence[int]) -> dict[str, torch.Tensor]: ...
 
 
+# Ask these, not isinstance(engine, CaptureEngine / RoutingEngine): from Python 3.12 isinstance on a
+# runtime-checkable Protocol looks methods up statically, so it says no for an engine behind a proxy that
+# forwards through __getattr__ (parity.sides.Guarded): seen on a Python 3.12 GPU machine, where every
+# parity pair then failed its preflight.
+def captures(engine) -> bool:
+    """Whether `engine` reports its activations: hidden_states(token_ids), the CaptureEngine protocol."""
+    return callable(getattr(engine, "hidden_states", None))
+
+
+def routes(engine) -> bool:
+    """Whether `engine` reports its MoE routes: routing(token_ids), the RoutingEngine protocol."""
+    return callable(getattr(engine, "routing", None))
+
+
 def check_request(engine: str, token_ids: Sequence[Sequence[int]], prompt_len: Sequence[int], max_len: int,
                   vocab_size: int) -> None:
     """Rejects a logprobs request an engine cannot answer, naming the sequence and what was wrong."""

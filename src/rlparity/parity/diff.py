@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlparity.engines.base import CaptureEngine, RoutingEngine, capture_points, require_same_tokenizers
+from rlparity.engines.base import capture_points, captures, require_same_tokenizers, routes
 from rlparity.errors import RlparityError
 from rlparity.metrics import unit_roundoff
 from rlparity.parity.floors import K_PARITY
@@ -81,7 +81,7 @@ def token_errors(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def capture(engine, token_ids: list[int], num_layers: int) -> dict[str, torch.Tensor]:
-    if not isinstance(engine, CaptureEngine):
+    if not captures(engine):
         raise RlparityError(f"{engine.name} cannot report its activations (no hidden_states): the layer diff needs "
                             f"both sides to capture")
     captured = engine.hidden_states(token_ids)
@@ -102,7 +102,7 @@ def naive_floors(naive, truth, token_ids: list[int], num_layers: int) -> dict[st
 
 
 def routing_differences(a_engine, b_engine, token_ids) -> list[int] | None:
-    if not (isinstance(a_engine, RoutingEngine) and isinstance(b_engine, RoutingEngine)):
+    if not (routes(a_engine) and routes(b_engine)):
         return None
     a, b = a_engine.routing(token_ids).expert_ids, b_engine.routing(token_ids).expert_ids
     return [int((x.sort(dim=-1).values != y.sort(dim=-1).values).any(dim=-1).sum()) for x, y in zip(a, b)]

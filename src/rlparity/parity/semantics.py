@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlparity.engines.base import RAW, CaptureEngine, Sampling, require_same_tokenizers
+from rlparity.engines.base import RAW, Sampling, captures, require_same_tokenizers
 from rlparity.errors import RlparityError
 from rlparity.parity.hypotheses import (
     Fit,
@@ -98,7 +98,7 @@ def describe(sampling: Sampling) -> str:
 
 
 def trainer_scores(trainer, token_ids, prompt_len) -> Scored:
-    if not isinstance(trainer, CaptureEngine):
+    if not captures(trainer):
         raise RlparityError(f"preflight: the trainer side {trainer.name} does not expose its logits "
                             f"(hidden_states); use an engine that does (hf, reference) as the trainer")
     logits = [trainer.hidden_states(ids)["logits"].double() for ids in token_ids]

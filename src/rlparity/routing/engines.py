@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from rlparity.engines import RoutingEngine, open_engine
+from rlparity.engines import open_engine, routes
 from rlparity.engines.base import Routing
 from rlparity.errors import RlparityError
 
@@ -46,7 +46,7 @@ def open_routing_engine(name: str, checkpoint: Path | str, dtype: str | None = N
         if engine.info["capture"] != "available":
             engine.close()
             raise RlparityError(f"routing: {engine.name} cannot record routes: {engine.info['capture']}")
-    if not isinstance(engine, RoutingEngine):
+    if not routes(engine):
         raise RlparityError(f"routing: engine {engine.name} has no routing(token_ids) capability")
     return engine
 
