@@ -44,6 +44,7 @@ if not ON_CUDA:
 
 from rlparity.attention import registered_backends, triton_sink  # noqa: E402
 from rlparity.attention.flops import attention_flops  # noqa: E402
+from rlparity.attention.flops import matmul_peak_tflops as matmul_peak  # noqa: E402
 from rlparity.attention.registry import AVAILABLE, Backend  # noqa: E402
 from rlparity.memory.meter import meter_for  # noqa: E402
 from rlparity.results import environment_fingerprint  # noqa: E402
@@ -170,23 +171,8 @@ def _log_cell(benchmark) -> None:
 
 @pytest.fixture(scope="session")
 def matmul_peak_tflops():
-    """Best bf16 GEMM throughput over a few repeats, measured with CUDA events in this session."""
-    if not ON_CUDA:
-        return None
-    n = MATMUL_PEAK_SIZE
-    a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(MATMUL_PEAK_REPEATS):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        stop.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(stop) / 1e3)
-    return 2 * n**3 / best / 1e12
+    """Best bf16 GEMM throughput, measured with CUDA events in this session."""
+    return matmul_peak(MATMUL_PEAK_SIZE, MATMUL_PEAK_REPEATS) if ON_CUDA else None
 
 
 @pytest.mark.gpu

@@ -26,7 +26,7 @@ import time
 import torch
 
 from rlparity.attention import triton_sink
-from rlparity.attention.flops import attention_flops
+from rlparity.attention.flops import attention_flops, matmul_peak_tflops
 
 DEVICE = torch.device("cuda")
 SHAPE = dict(heads_q=64, heads_kv=8, head_dim=64)
@@ -134,22 +134,6 @@ def _time_all(configs, part, seq, window, backward, reference, out_file, peak):
                  f"diff {row['max_rel_norm_vs_default']:.1e}" if "ms" in row else row["error"]), flush=True)
     valid = [r for r in rows if r.get("valid")]
     return min(valid, key=lambda r: r["ms"]) if valid else None
-
-
-def matmul_peak_tflops(n=8192, repeats=20):
-    a = torch.randn(n, n, device="cuda", dtype=DTYPE)
-    b = torch.randn(n, n, device="cuda", dtype=DTYPE)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        stop.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(stop) / 1e3)
-    return 2 * n**3 / best / 1e12
 
 
 def main(argv=None) -> int:
