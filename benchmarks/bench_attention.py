@@ -43,6 +43,7 @@ if not ON_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are defined
 
 from rlparity.attention import registered_backends, triton_sink  # noqa: E402
+from rlparity.attention.cases import timing_inputs  # noqa: E402
 from rlparity.attention.flops import attention_flops  # noqa: E402
 from rlparity.attention.flops import matmul_peak_tflops as matmul_peak  # noqa: E402
 from rlparity.attention.registry import AVAILABLE, Backend  # noqa: E402
@@ -93,20 +94,6 @@ def _cells():
 def _cell_id(cell):
     seq, window = cell
     return f"seq{seq // 1024}k-{'causal' if window is None else f'window{window}'}"
-
-
-def _inputs(seq, shape, dtype, with_grad):
-    gen = torch.Generator(device=DEVICE).manual_seed(seq)
-
-    def normal(*size):
-        return torch.randn(*size, generator=gen, device=DEVICE, dtype=dtype).requires_grad_(with_grad)
-
-    q = normal(1, shape["heads_q"], seq, shape["head_dim"])
-    k = normal(1, shape["heads_kv"], seq, shape["head_dim"])
-    v = normal(1, shape["heads_kv"], seq, shape["head_dim"])
-    sinks = normal(shape["heads_q"])
-    dout = torch.randn(q.shape, generator=gen, device=DEVICE, dtype=dtype)
-    return (q, k, v, sinks), dout
 
 
 def _triton_config(head_dim, dtype):
@@ -220,7 +207,7 @@ def test_attention(benchmark, matmul_peak_tflops, backend, cell, mode):
     if ON_CUDA:  # what earlier cells left (an out-of-memory traceback's tensors) must not count here
         gc.collect()
         torch.cuda.empty_cache()
-    tensors, dout = _inputs(seq, shape, dtype, with_grad=mode == "fwd_bwd")
+    tensors, dout = timing_inputs(seq, **shape, dtype=dtype, device=DEVICE, with_grad=mode == "fwd_bwd")
     gpu_median = None
     try:
         fn = _function(backend, shape, dtype)

@@ -26,6 +26,7 @@ import time
 import torch
 
 from rlparity.attention import triton_sink
+from rlparity.attention.cases import timing_inputs
 from rlparity.attention.flops import attention_flops, matmul_peak_tflops
 
 DEVICE = torch.device("cuda")
@@ -43,17 +44,7 @@ DQ_TILES = [(m, n) for m, n in itertools.product((64, 128), (32, 64))]
 
 
 def _inputs(seq, device, with_grad):
-    gen = torch.Generator(device=device).manual_seed(seq)
-
-    def normal(*size):
-        return torch.randn(*size, generator=gen, device=device, dtype=DTYPE).requires_grad_(with_grad)
-
-    q = normal(1, SHAPE["heads_q"], seq, SHAPE["head_dim"])
-    k = normal(1, SHAPE["heads_kv"], seq, SHAPE["head_dim"])
-    v = normal(1, SHAPE["heads_kv"], seq, SHAPE["head_dim"])
-    sinks = normal(SHAPE["heads_q"])
-    dout = torch.randn(q.shape, generator=gen, device=device, dtype=DTYPE)
-    return (q, k, v, sinks), dout
+    return timing_inputs(seq, **SHAPE, dtype=DTYPE, device=device, with_grad=with_grad)
 
 
 def _step(tensors, dout, config, window, backward):

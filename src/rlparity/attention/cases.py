@@ -118,3 +118,18 @@ def make_inputs(case: Case, dtype: torch.dtype, device: torch.device | str = "cp
 
 def attend_kwargs(case: Case, inputs: Inputs) -> dict:
     return {"causal": case.causal, "window": case.window, "scale": case.scale, "cu_seqlens": inputs.cu_seqlens}
+
+
+def timing_inputs(seq: int, heads_q: int, heads_kv: int, head_dim: int, dtype: torch.dtype,
+                  device: torch.device | str, with_grad: bool):
+    """((q, k, v, sinks), dout) for one batch of `seq` tokens, drawn on `device` (seeded by seq): benchmark and
+    tuning inputs at sizes too large to draw in float64 on the CPU as make_inputs does."""
+    gen = torch.Generator(device=device).manual_seed(seq)
+
+    def normal(*size):
+        return torch.randn(*size, generator=gen, device=device, dtype=dtype).requires_grad_(with_grad)
+
+    q = normal(1, heads_q, seq, head_dim)
+    k, v = normal(1, heads_kv, seq, head_dim), normal(1, heads_kv, seq, head_dim)
+    sinks = normal(heads_q)
+    return (q, k, v, sinks), torch.randn(q.shape, generator=gen, device=device, dtype=dtype)
