@@ -39,8 +39,6 @@ from rlparity.routing.report import agreement_table
 SEQUENCE_LENGTHS = (128, 97, 64, 120, 80, 111)
 HELD_OUT_SEED = 11
 PROBE, LONGER, SHORTER = 2, 0, 4  # batch invariance: the 64-token sequence between the 128- and 80-token ones
-# vLLM refuses a prompt of max_model_len tokens: it wants room for at least one generated token.
-VLLM_ONE_MORE_TOKEN = 1
 TRAINER_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 # The RL trainer's dtype: where replay has routing flips to remove (bf16 vs the engine flips ~1 % of tokens).
 REPLAY_TRAINER_DTYPE = "bf16"
@@ -95,8 +93,7 @@ class RolloutEngines:
             else:
                 from rlparity.engines.vllm import VllmEngine
 
-                engine = VllmEngine(self.checkpoint, dtype=TRAINER_DTYPES[dtype],
-                                    max_len=max(SEQUENCE_LENGTHS) + VLLM_ONE_MORE_TOKEN)
+                engine = VllmEngine(self.checkpoint, dtype=TRAINER_DTYPES[dtype], max_len=max(SEQUENCE_LENGTHS))
             self.engines.append(engine)
             routes = engine_routes(engine, self.sequences)
             logprobs = engine.logprobs(self.sequences, [1] * len(self.sequences))

@@ -121,7 +121,7 @@ def max_error(candidate: list[torch.Tensor], truth: list[torch.Tensor]) -> float
 def test_engine_reports_what_it_runs(vllm_fp32):
     info = vllm_fp32.info
     assert info["architecture"] == "GptOssForCausalLM" and info["dtype"] == "float32"
-    assert info["max_model_len"] == MAX_LEN == vllm_fp32.max_len
+    assert info["max_model_len"] == MAX_LEN + 1 and vllm_fp32.max_len == MAX_LEN  # room for prompt_logprobs' token
     assert info["config_layer_types"] == ["sliding_attention", "full_attention"]
     assert info["sliding_windows"] == [WINDOW, None] and vllm_fp32.window_mismatches == []
     assert info["sinks_passed_to_attention"] == [True, True]
@@ -230,6 +230,12 @@ def test_requests_it_cannot_serve_are_refused_before_sending(vllm_fp32):
     with pytest.raises(RlparityError, match="must fit in the engine's max length"):
         vllm_fp32.sample(list(range(250)), Sampling(), max_tokens=10)
     assert vllm_fp32.logprobs([[5, 6, 7]], [1])[0].shape == (2,)  # still serving
+
+
+def test_a_sequence_of_exactly_max_len_tokens_is_scored(vllm_fp32):
+    sequence = [5 + i % 50 for i in range(MAX_LEN)]
+    (logprobs,) = vllm_fp32.logprobs([sequence], [MAX_LEN - 3])
+    assert logprobs.shape == (3,) and torch.isfinite(logprobs).all()
 
 
 def test_death_mid_request_names_the_engine_and_shows_its_log(checkpoint, tmp_path):

@@ -119,20 +119,26 @@ class VllmEngine:
         self.name = f"vllm[{DTYPES[dtype]}{suffix}]"
         opened = open_checkpoint(checkpoint, tokenizer)
         self.checkpoint, self.config, self.tokenizer = opened.path.resolve(), opened.config, opened.tokenizer
-        self.max_len = engine_max_len(self.name, max_len, opened.max_position_embeddings, opened.path)
+        # vLLM scores a prompt by generating one token after it, so it must be started with room for that
+        # token: a sequence of exactly max_model_len tokens is refused ("plus the number of requested output
+        # tokens (at least 1) is longer than the maximum model length"). It gets max_len + 1 where the model
+        # allows; at the model's own limit the engine accepts one token fewer than the model.
+        requested = engine_max_len(self.name, max_len, opened.max_position_embeddings, opened.path)
+        self.vllm_max_model_len = min(requested + 1, opened.max_position_embeddings)
+        self.max_len = self.vllm_max_model_len - 1
         tokenizer_folder = None if tokenizer is None else Path(tokenizer).resolve()
         if tokenizer_folder is not None and tokenizer_folder.is_file():
             tokenizer_folder = tokenizer_folder.parent
         self.options = {"checkpoint": str(self.checkpoint), "tokenizer": tokenizer_folder and str(tokenizer_folder),
-                        "dtype": DTYPES[dtype], "max_model_len": self.max_len, "seed": seed,
+                        "dtype": DTYPES[dtype], "max_model_len": self.vllm_max_model_len, "seed": seed,
                         "logprobs_mode": LOGPROBS_MODES[logprobs_mode], "hf_overrides": hf_overrides,
                         "gpu_memory_utilization": gpu_memory_utilization, "cpu_kv_cache_gib": cpu_kv_cache_gib}
         self.request_timeout = request_timeout
         self.kernel_read: list[str] = []  # parameters the last parameters() call read through a kernel
         self.process, self.info = self._launch(python, start_timeout, log_path)
-        if self.info["max_model_len"] != self.max_len:
+        if self.info["max_model_len"] != self.vllm_max_model_len:
             self.close()
-            raise RlparityError(f"{self.name}: asked vLLM for max_model_len {self.max_len}, it uses "
+            raise RlparityError(f"{self.name}: asked vLLM for max_model_len {self.vllm_max_model_len}, it uses "
                                 f"{self.info['max_model_len']}")
 
     def _launch(self, python: str | None, start_timeout: float, log_path) -> tuple[EngineProcess, dict]:

@@ -66,7 +66,6 @@ def held_out_sequences(vocab_size: int, count: int, length: int, seed: int) -> l
 
 
 def routing_command(args) -> int:
-    """Opens both engines with one token of room past --length: vLLM refuses a prompt that fills max_model_len."""
     from rlparity.models import open_checkpoint
     from rlparity.routing.agreement import coarser_dtype, compare_routing
     from rlparity.routing.checks import agreement_record, precision_record
@@ -81,7 +80,7 @@ def routing_command(args) -> int:
     results, engines = [], []
     try:
         for name, dtype in ((args.a, args.a_dtype), (args.b, args.b_dtype)):
-            engines.append(open_routing_engine(name, checkpoint, dtype, max_len=args.length + 1))
+            engines.append(open_routing_engine(name, checkpoint, dtype, max_len=args.length))
         a, b = engines
         names = (a.name, b.name) if a.name != b.name else (f"{a.name} (a)", f"{b.name} (b)")
         comparison = compare_routing(engine_routes(a, sequences), engine_routes(b, sequences),
