@@ -11,11 +11,21 @@ import pytest
 import torch
 from conftest import selected_attention_backends
 
+from rlparity.attention import flex
 from rlparity.attention.cases import CASES, CASES_BY_NAME, DTYPE_NAMES, LARGE_CASES
 from rlparity.attention.matrix import QUANTITIES, SENSITIVITY_CASE, measure, sink_sensitivity, to_records
+from rlparity.attention.registry import Backend
 from rlparity.results import ERROR, FAIL, SKIP
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# FlexAttention as training code runs it, compiled. Every case compiles its own kernels (tens of seconds
+# each), so it runs a few cases in the training dtype rather than the matrix: the window edge, packing,
+# and both GPT-OSS masks at size. Run with the flex backend (the default selection includes it).
+COMPILED_FLEX = Backend("flex_compiled", "rlparity.attention.flex:attend_compiled",
+                        "torch.compile(flex_attention), sink folded in through its lse",
+                        probe=flex.probe, backward_probe=flex.backward_probe, gpu_only=True)
+COMPILED_FLEX_CASES = ("window_edge", "varlen_window", "gpt_oss_causal_2k", "gpt_oss_window_2k")
+COMPILED_FLEX_DTYPE = torch.bfloat16
 
 
 def pytest_generate_tests(metafunc):
@@ -30,6 +40,14 @@ def pytest_generate_tests(metafunc):
                                                                     QUANTITIES)
         ]
         metafunc.parametrize(("backend", "dtype", "case", "quantity"), params)
+    elif metafunc.definition.name == "test_compiled_flex":
+        params = [pytest.param(CASES_BY_NAME[name], quantity, marks=[pytest.mark.gpu],
+                               id=f"flex_compiled-{DTYPE_NAMES[COMPILED_FLEX_DTYPE]}-{name}-{quantity}")
+                  for name in COMPILED_FLEX_CASES for quantity in QUANTITIES]
+        if not any(backend.name == "flex" for backend in backends):
+            params = [pytest.param(None, None, id="flex_compiled", marks=pytest.mark.skip(
+                reason="compiled flex runs with the flex backend: add --attention-backend flex"))]
+        metafunc.parametrize(("case", "quantity"), params)
     elif metafunc.definition.name == "test_sink_sensitivity":
         params = [pytest.param(backend, dtype, marks=marks(backend), id=f"{backend.name}-{DTYPE_NAMES[dtype]}")
                   for backend, dtype in itertools.product(backends, DTYPES)]
@@ -71,6 +89,12 @@ def test_sink_attention(matrix, backend, dtype, case, quantity):
                     "tensors): run `nox -s gpu_conformance` on a GPU machine")
     measurements = matrix.get(("matrix", backend.name, case.name, dtype), measure, backend, case, dtype,
                               "sink_attention")
+    _judge(measurements[quantity])
+
+
+def test_compiled_flex(matrix, case, quantity):
+    measurements = matrix.get(("matrix", COMPILED_FLEX.name, case.name, COMPILED_FLEX_DTYPE), measure, COMPILED_FLEX,
+                              case, COMPILED_FLEX_DTYPE, "sink_attention")
     _judge(measurements[quantity])
 
 

@@ -4,6 +4,8 @@ Flex computes attention without the sink and returns its lse; the sink joins aft
 lse = logaddexp(lse_flex, sigma), out = out_flex * exp(lse_flex - lse). Masks are block masks built
 from the same visibility rule as the reference. On CPU torch runs flex uncompiled, forward only
 (its uncompiled backward is documented as possibly wrong), so the backward is checked on CUDA.
+`attend_compiled` is the compiled call (CUDA): the kernel users train with, checked on a few cases
+(each compiles its own kernels) in conformance/test_sink_attention.py.
 """
 
 import torch
@@ -45,7 +47,26 @@ def _mask_mod(seq_q, seq_k, causal, window, cu_seqlens, device):
 
 
 def attend(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None):
-    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return _attend(flex_attention, q, k, v, sinks, causal, window, scale, cu_seqlens)
+
+
+_COMPILED = []
+
+
+def attend_compiled(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None):
+    """The same with flex_attention compiled, as training code runs it (`torch.compile(flex_attention)`): the
+    fused Triton kernels, forward and backward, instead of the unfused path the uncompiled call takes."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(flex_attention, dynamic=False))
+    return _attend(_COMPILED[0], q, k, v, sinks, causal, window, scale, cu_seqlens)
+
+
+def _attend(flex_attention, q, k, v, sinks, causal, window, scale, cu_seqlens):
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
 
     batch, heads_q, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
