@@ -4,6 +4,9 @@
 #
 #     OUT=results/gpu-run benchmarks/gpu_run.sh [budget_seconds]
 #
+# The conformance suite builds the tiny model and its supervised warm start on first use (minutes); on a
+# machine lent for minutes, build them beforehand elsewhere and point RLPARITY_CACHE at a copy of the cache.
+#
 # Stages, most valuable first, each under a cap and the budget left, each logged, none stopping the next:
 #   env          the GPU, driver and package versions
 #   tune         benchmarks/tune_triton_blocks.py at seq 8k: the Triton kernel's fastest tiles on this GPU
