@@ -7,7 +7,7 @@ import pytest
 
 from rlparity.engines.process import EngineProcessError
 from rlparity.errors import RlparityError
-from rlparity.metrics import AGREEMENT_METRICS
+from rlparity.metrics import AGREEMENT_METRICS, cannot_fail
 from rlparity.parity import EngineFailed, EnginePool, Pair, Side, calibrate, load_floors, parity_batch
 from rlparity.parity.check import check_pair
 from rlparity.parity.floors import save_floors
@@ -140,3 +140,12 @@ def test_sides_parse_and_label():
     assert side.label == 'vllm[bfloat16,hf_overrides={"sliding_window": null}]'
     with pytest.raises(RlparityError, match="the 'self' floor is for one side against itself"):
         Pair(HF_FP32, REF_FP64, "self")
+
+
+def test_bands_the_noise_fills_are_reported_as_unable_to_fail(floors_file, batch):
+    floors = load_floors("micro", batch, floors_file)
+    bf16 = floors.tolerances(Pair(Side("hf", "bfloat16"), REF_FP64, "naive"), rounding=0.0)
+    fp32 = floors.tolerances(Pair(HF_FP32, REF_FP64, "naive"), rounding=0.0)
+    # bfloat16 rounding alone moves most ratios outside 1 +- 0.001: that band cannot catch anything in bf16
+    assert cannot_fail(bf16) == ["ratio_outside_0.001"] and bf16["ratio_outside_0.001"] >= 1.0
+    assert cannot_fail(fp32) == []

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from rlparity.errors import RlparityError
-from rlparity.metrics import AGREEMENT_METRICS
+from rlparity.metrics import AGREEMENT_METRICS, cannot_fail
 from rlparity.parity.batch import PARITY_MAX_LEN, parity_batch
 from rlparity.parity.diff_command import add_diff_parser, parse_option
 from rlparity.parity.sides import EngineFailed, EnginePool, EngineUnavailable, Side
@@ -62,6 +62,8 @@ def _compare(args) -> int:
             print(f"{pair.id:<28} {result.verdict:<7} {cells} {tol} {result.seconds:>5.1f}", flush=True)
             if result.verdict != "pass":
                 print(f"    {result.reason}")
+            if result.tolerances and (vacuous := cannot_fail(result.tolerances)):
+                print(f"    cannot fail at this precision (the noise floor alone fills them): {', '.join(vacuous)}")
     print(f"{store.count} records written to {store.path}")
     return 1 if bad else 0
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlparity.metrics import rounding_floor
+from rlparity.metrics import cannot_fail, rounding_floor
 from rlparity.parity.batch import ParityBatch
 from rlparity.parity.floors import NoiseFloors, judge
 from rlparity.parity.pairs import Pair, PairMeasurement, measure_pair
@@ -48,6 +48,7 @@ class PairResult:
             extra={"pair": self.pair.id, "floor": self.pair.floor, "engines": self.engines, "bar": self.pair.bar,
                    "metrics": measured.stats if measured else None,
                    "deviations": measured.deviations if measured else None, "tolerances": self.tolerances,
+                   "cannot_fail": cannot_fail(self.tolerances) if self.tolerances else [],
                    "layouts": measured.layouts if measured else None, "seconds": self.seconds},
             **common))
         return records
