@@ -1,6 +1,8 @@
-"""The vLLM rollout engine in the trainer: rollouts sampled in vLLM, weights synced by restart and verified."""
+"""The vLLM rollout engine in the trainer: rollouts sampled in vLLM, weights synced (in place, or by restart) and
+verified."""
 
 import pytest
+import torch
 
 from rlparity.engines.vllm import unavailable_reason
 from rlparity.errors import RlparityError
@@ -49,6 +51,32 @@ def test_vllm_rollouts_and_verified_sync(micro_sft, tmp_path):
         # step 2's rollouts come from the engine restarted on step 1's weights: a failed sync would show here
         assert metrics["train_rollout_dlogp_max"] < SYNCED_DLOGP_MAX, metrics["train_rollout_dlogp_max"]
     assert samplers[0].version == 2 and not samplers[0].engine.process.running  # closed after the run
+
+
+def test_inplace_update_equals_a_fresh_engine_on_the_same_weights(micro_sft):
+    from rlparity.trainer.vllm_sampler import VllmSampler
+
+    probe = [[5 + (7 * i) % 40 for i in range(48)], [9 + (3 * i) % 25 for i in range(30)]]
+    inplace = VllmSampler(micro_sft, sync="inplace")
+    try:
+        gen = torch.Generator().manual_seed(3)
+        weights = {name: tensor + 0.01 * torch.randn(tensor.shape, generator=gen, dtype=tensor.dtype)
+                   for name, tensor in inplace.state_dict().items()}
+        before = inplace.engine.logprobs(probe, [1, 1])
+        inplace.load_weights(weights)
+        after = inplace.engine.logprobs(probe, [1, 1])
+        report = verify_engine_memory(weights, inplace.engine_parameters(), inplace.name)
+        restarted = VllmSampler(micro_sft, sync="restart")
+        try:
+            restarted.load_weights(weights)
+            fresh = restarted.engine.logprobs(probe, [1, 1])
+        finally:
+            restarted.close()
+    finally:
+        inplace.close()
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))  # the update reached the computation
+    assert all(torch.equal(a, b) for a, b in zip(after, fresh))  # ... exactly as a fresh engine on those weights
+    assert report.sinks > 0 and report.routers > 0
 
 
 def test_sync_refuses_a_tampered_checkpoint(micro_sft):

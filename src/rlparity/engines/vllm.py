@@ -228,6 +228,19 @@ class VllmEngine:
         return {name: torch.from_numpy(entry["values"]).to(getattr(torch, entry["dtype"]))
                 for name, entry in result["parameters"].items()}
 
+    def update_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Replaces the running engine's weights in place (transformers names, as in the checkpoint); raises
+        naming the engine parameters the update did not reach."""
+        tensors = {}
+        for name, tensor in weights.items():
+            tensor = tensor.detach().cpu().contiguous()
+            values = tensor.float() if tensor.dtype == torch.bfloat16 else tensor
+            tensors[name] = {"dtype": str(tensor.dtype).removeprefix("torch."), "values": values.numpy()}
+        result = self._request("update_weights", tensors=tensors)
+        if result["not_loaded"]:
+            raise RlparityError(f"{self.name}: the in-place weight update left {len(result['not_loaded'])} engine "
+                                f"parameters unloaded: {result['not_loaded'][:5]}")
+
     def routing(self, token_ids: Sequence[int]) -> Routing:
         return self.capture(token_ids).routing
 

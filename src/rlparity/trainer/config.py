@@ -8,6 +8,7 @@ from rlparity.trainer.losses import CORRECTIONS, KL_ESTIMATORS
 ALGOS = ("grpo", "ppo")
 OLD_LOGPROB = ("recompute", "detach")
 ENGINES = ("hf", "vllm")
+VLLM_SYNCS = ("inplace", "restart")  # rlparity.trainer.vllm_sampler
 # verl's default cap for truncated / masked importance sampling of rollout-vs-trainer ratios.
 TIS_CAP = 2.0
 # PPO's usual clip range (Schulman et al. 2017), also GRPO's.
@@ -25,6 +26,7 @@ class TrainConfig:
     old_logprob: str = "detach"
     correction: str = "none"
     engine: str = "hf"
+    vllm_sync: str = "inplace"
     model: str = "tiny"
     prompts_per_step: int = 16
     group: int = 8  # samples per prompt (GRPO's group)
@@ -57,6 +59,7 @@ class TrainConfig:
     def check(self) -> None:
         for field, value, allowed in (("algo", self.algo, ALGOS), ("old_logprob", self.old_logprob, OLD_LOGPROB),
                                       ("correction", self.correction, CORRECTIONS), ("engine", self.engine, ENGINES),
+                                      ("vllm_sync", self.vllm_sync, VLLM_SYNCS),
                                       ("kl_estimator", self.kl_estimator, KL_ESTIMATORS)):
             if value not in allowed:
                 raise RlparityError(f"train: {field} {value!r}, expected one of {allowed}")

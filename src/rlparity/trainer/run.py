@@ -18,7 +18,7 @@ def open_sampler(config: TrainConfig, checkpoint: Path):
         return HFSampler(checkpoint, temperature=config.temperature)
     from rlparity.trainer.vllm_sampler import VllmSampler
 
-    return VllmSampler(checkpoint, temperature=config.temperature)
+    return VllmSampler(checkpoint, temperature=config.temperature, sync=config.vllm_sync)
 
 
 def train_run(config: TrainConfig, checkpoint: Path, store: ResultStore, *, evaluate: bool = True,

