@@ -31,3 +31,14 @@ def language_sequences(vocab_size: int, lengths) -> list[list[int]]:
 
     block = next(Language(vocab_size, seed=0).batches(seed=7, batch=len(lengths), seq_len=max(lengths)))
     return [row[:length] for row, length in zip(block, lengths)]
+
+
+# The engine tests' batch: six micro sequences of unequal lengths (so a batch carries padding), their prompts
+# from one token to one short of the whole sequence.
+ENGINE_SEQUENCE_LENGTHS = (48, 41, 33, 48, 40, 36)
+ENGINE_PROMPT_LENGTHS = (12, 1, 20, 47, 8, 16)
+
+
+@pytest.fixture(scope="module")
+def engine_sequences(reference_micro):
+    return language_sequences(reference_micro.config["vocab_size"], ENGINE_SEQUENCE_LENGTHS)

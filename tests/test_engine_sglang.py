@@ -25,7 +25,7 @@ from rlparity.engines.sglang import (
 from rlparity.engines.sglang_worker import FIXED_ENGINE_ARGS, engine_args, input_logprobs
 from rlparity.errors import RlparityError
 from rlparity.metrics import K_FORWARD
-from tests.conftest import language_sequences
+from tests.conftest import ENGINE_PROMPT_LENGTHS
 
 pytestmark = pytest.mark.engine_sglang
 
@@ -169,15 +169,6 @@ def test_the_engine_process_refuses_to_start_without_cuda(monkeypatch, micro_che
 
 # --- the real engine (GPU) ---------------------------------------------------------------------------------------
 
-SEQUENCE_LENGTHS = (48, 41, 33, 48, 40, 36)
-PROMPT_LENGTHS = (12, 1, 20, 47, 8, 16)
-
-
-@pytest.fixture(scope="module")
-def sequences(reference_micro):
-    return language_sequences(reference_micro.config["vocab_size"], SEQUENCE_LENGTHS)
-
-
 @pytest.fixture(scope="module")
 def sglang_bf16(micro_checkpoint):
     with SglangEngine(micro_checkpoint, dtype="bfloat16", max_len=MAX_LEN) as engine:
@@ -186,7 +177,7 @@ def sglang_bf16(micro_checkpoint):
 
 @needs_sglang
 def test_sglang_bfloat16_mean_error_is_within_the_naive_bfloat16_error(sglang_bf16, reference_micro, micro_checkpoint,
-                                                                        sequences):
+                                                                        engine_sequences):
     """As tests/test_engines.py does for hf bf16: mean |dlogp| vs float64, against the reference run in bf16.
 
     K_FORWARD is the project's rule, not calibrated on SGLang (no GPU run yet): the first GPU run's ratio belongs
@@ -194,12 +185,13 @@ def test_sglang_bfloat16_mean_error_is_within_the_naive_bfloat16_error(sglang_bf
     """
     from rlparity.engines import open_engine
 
-    exact = torch.cat([x.double() for x in reference_micro.logprobs(sequences, PROMPT_LENGTHS)])
-    out = sglang_bf16.logprobs(sequences, PROMPT_LENGTHS)
-    assert [len(x) for x in out] == [len(s) - p for s, p in zip(sequences, PROMPT_LENGTHS)]
+    exact = torch.cat([x.double() for x in reference_micro.logprobs(engine_sequences, ENGINE_PROMPT_LENGTHS)])
+    out = sglang_bf16.logprobs(engine_sequences, ENGINE_PROMPT_LENGTHS)
+    assert [len(x) for x in out] == [len(s) - p for s, p in zip(engine_sequences, ENGINE_PROMPT_LENGTHS)]
     candidate = (torch.cat([x.double() for x in out]) - exact).abs().mean().item()
     naive = open_engine("reference", micro_checkpoint, dtype=torch.bfloat16)
-    naive_error = (torch.cat([x.double() for x in naive.logprobs(sequences, PROMPT_LENGTHS)]) - exact).abs().mean()
+    naive_logprobs = naive.logprobs(engine_sequences, ENGINE_PROMPT_LENGTHS)
+    naive_error = (torch.cat([x.double() for x in naive_logprobs]) - exact).abs().mean()
     assert candidate <= K_FORWARD * naive_error.item(), (
         f"SGLang bf16 mean |dlogp| {candidate:.2e}, naive bf16 {naive_error.item():.2e}")
 
@@ -212,9 +204,10 @@ def test_sglang_reports_what_it_runs(sglang_bf16):
 
 
 @needs_sglang
-def test_sglang_refuses_processed_teacher_forced_logprobs(sglang_bf16, sequences):
+def test_sglang_refuses_processed_teacher_forced_logprobs(sglang_bf16, engine_sequences):
     with pytest.raises(RlparityError, match="only raw teacher-forced log-probs exist"):
-        sglang_bf16.logprobs(sequences[:1], PROMPT_LENGTHS[:1], Sampling(temperature=0.7, logprobs="processed"))
+        sglang_bf16.logprobs(engine_sequences[:1], ENGINE_PROMPT_LENGTHS[:1],
+                             Sampling(temperature=0.7, logprobs="processed"))
 
 
 class SglangShapedEngine:
@@ -239,13 +232,13 @@ class SglangShapedEngine:
         self.calls.append("shutdown")
 
 
-def test_the_worker_serves_one_generate_call_per_batch_and_reports_failures(hf_micro, sequences):
+def test_the_worker_serves_one_generate_call_per_batch_and_reports_failures(hf_micro, engine_sequences):
     from rlparity.engines import wire
     from rlparity.engines.sglang_worker import Server, serve
 
     server = object.__new__(Server)  # everything but SGLang's own start-up
     server.engine = SglangShapedEngine(hf_micro)
-    batch, single = sequences[:3], sequences[3:4]
+    batch, single = engine_sequences[:3], engine_sequences[3:4]
     requests = [wire.dumps({"id": 1, "op": "prompt_logprobs", "token_ids": batch}),
                 wire.dumps({"id": 2, "op": "prompt_logprobs", "token_ids": single}),
                 wire.dumps({"id": 3, "op": "prompt_logprobs", "token_ids": [[5, 6, VOCAB + 7]]}),

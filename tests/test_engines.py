@@ -13,19 +13,10 @@ import torch
 from rlparity.engines import CaptureEngine, RoutingEngine, capture_points, open_engine
 from rlparity.errors import RlparityError
 from rlparity.metrics import K_FORWARD, max_abs_error, rounding_floor, tolerance
-from tests.conftest import language_sequences
+from tests.conftest import ENGINE_PROMPT_LENGTHS
 
 # Issue 5's acceptance bound for fp32 trainer-engine parity (it measured 5e-7 on a random 2-layer model).
 FP32_PARITY_BOUND = 1e-4
-SEQUENCE_LENGTHS = (48, 41, 33, 48, 40, 36)
-PROMPT_LENGTHS = (12, 1, 20, 47, 8, 16)
-
-
-@pytest.fixture(scope="module")
-def sequences(reference_micro):
-    return language_sequences(reference_micro.config["vocab_size"], SEQUENCE_LENGTHS)
-
-
 @pytest.fixture(scope="module")
 def naive_float32(micro_checkpoint):
     return open_engine("reference", micro_checkpoint, dtype=torch.float32)
@@ -40,37 +31,37 @@ def concatenated(logprobs):
     return torch.cat([x.double() for x in logprobs])
 
 
-def test_logprobs_have_one_entry_per_response_token(hf_micro, reference_micro, sequences):
+def test_logprobs_have_one_entry_per_response_token(hf_micro, reference_micro, engine_sequences):
     for engine in (hf_micro, reference_micro):
-        out = engine.logprobs(sequences, PROMPT_LENGTHS)
-        assert [len(x) for x in out] == [len(s) - p for s, p in zip(sequences, PROMPT_LENGTHS)]
+        out = engine.logprobs(engine_sequences, ENGINE_PROMPT_LENGTHS)
+        assert [len(x) for x in out] == [len(s) - p for s, p in zip(engine_sequences, ENGINE_PROMPT_LENGTHS)]
         assert all(torch.isfinite(x).all() and (x <= 0).all() for x in out)
 
 
-def test_hf_float32_matches_float64_reference(hf_micro, reference_micro, naive_float32, sequences):
-    exact = concatenated(reference_micro.logprobs(sequences, PROMPT_LENGTHS))
-    candidate = max_abs_error(concatenated(hf_micro.logprobs(sequences, PROMPT_LENGTHS)), exact)
-    naive = max_abs_error(concatenated(naive_float32.logprobs(sequences, PROMPT_LENGTHS)), exact)
+def test_hf_float32_matches_float64_reference(hf_micro, reference_micro, naive_float32, engine_sequences):
+    exact = concatenated(reference_micro.logprobs(engine_sequences, ENGINE_PROMPT_LENGTHS))
+    candidate = max_abs_error(concatenated(hf_micro.logprobs(engine_sequences, ENGINE_PROMPT_LENGTHS)), exact)
+    naive = max_abs_error(concatenated(naive_float32.logprobs(engine_sequences, ENGINE_PROMPT_LENGTHS)), exact)
     allowed = allowed_error(naive, exact)
     assert 0 < candidate <= allowed, f"hf fp32 max |dlogp| {candidate:.2e}, allowed {allowed:.2e} (naive {naive:.2e})"
     assert candidate <= FP32_PARITY_BOUND
 
 
-def test_batching_does_not_change_hf_beyond_float32_noise(hf_micro, reference_micro, naive_float32, sequences):
-    batched = concatenated(hf_micro.logprobs(sequences, PROMPT_LENGTHS))
-    alone = concatenated([hf_micro.logprobs([s], [p])[0] for s, p in zip(sequences, PROMPT_LENGTHS)])
-    exact = concatenated(reference_micro.logprobs(sequences, PROMPT_LENGTHS))
-    naive = max_abs_error(concatenated(naive_float32.logprobs(sequences, PROMPT_LENGTHS)), exact)
+def test_batching_does_not_change_hf_beyond_float32_noise(hf_micro, reference_micro, naive_float32, engine_sequences):
+    batched = concatenated(hf_micro.logprobs(engine_sequences, ENGINE_PROMPT_LENGTHS))
+    alone = concatenated([hf_micro.logprobs([s], [p])[0] for s, p in zip(engine_sequences, ENGINE_PROMPT_LENGTHS)])
+    exact = concatenated(reference_micro.logprobs(engine_sequences, ENGINE_PROMPT_LENGTHS))
+    naive = max_abs_error(concatenated(naive_float32.logprobs(engine_sequences, ENGINE_PROMPT_LENGTHS)), exact)
     assert max_abs_error(batched, alone) <= allowed_error(naive, exact)
 
 
-def test_hf_bfloat16_mean_error_is_within_the_naive_bfloat16_error(micro_checkpoint, reference_micro, sequences):
+def test_hf_bfloat16_mean_error_is_within_the_naive_bfloat16_error(micro_checkpoint, reference_micro, engine_sequences):
     """bf16 can flip near-tie routes, which makes the max error a lottery: the mean |dlogp| is compared."""
-    exact = concatenated(reference_micro.logprobs(sequences, PROMPT_LENGTHS))
+    exact = concatenated(reference_micro.logprobs(engine_sequences, ENGINE_PROMPT_LENGTHS))
     hf = open_engine("hf", micro_checkpoint, dtype="bfloat16")
     naive = open_engine("reference", micro_checkpoint, dtype=torch.bfloat16)
-    candidate = (concatenated(hf.logprobs(sequences, PROMPT_LENGTHS)) - exact).abs().mean().item()
-    naive_error = (concatenated(naive.logprobs(sequences, PROMPT_LENGTHS)) - exact).abs().mean().item()
+    candidate = (concatenated(hf.logprobs(engine_sequences, ENGINE_PROMPT_LENGTHS)) - exact).abs().mean().item()
+    naive_error = (concatenated(naive.logprobs(engine_sequences, ENGINE_PROMPT_LENGTHS)) - exact).abs().mean().item()
     assert candidate <= K_FORWARD * naive_error, f"hf bf16 mean |dlogp| {candidate:.2e}, naive bf16 {naive_error:.2e}"
 
 
@@ -79,9 +70,9 @@ def router_margins(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return ordered[:, top_k - 1] - ordered[:, top_k]
 
 
-def test_routing_agrees_wherever_rounding_cannot_flip_it(hf_micro, reference_micro, naive_float32, sequences):
+def test_routing_agrees_wherever_rounding_cannot_flip_it(hf_micro, reference_micro, naive_float32, engine_sequences):
     top_k = reference_micro.config["num_experts_per_tok"]
-    for sequence in sequences:
+    for sequence in engine_sequences:
         hf, exact, naive = (engine.routing(sequence) for engine in (hf_micro, reference_micro, naive_float32))
         for layer, (hf_ids, exact_ids) in enumerate(zip(hf.expert_ids, exact.expert_ids)):
             exact_logits = exact.router_logits[layer]
@@ -94,9 +85,10 @@ def test_routing_agrees_wherever_rounding_cannot_flip_it(hf_micro, reference_mic
             assert torch.equal(hf_ids[decisive].sort(dim=-1).values, exact_ids[decisive].sort(dim=-1).values)
 
 
-def test_hidden_states_agree_at_every_capture_point(hf_micro, reference_micro, naive_float32, sequences):
+def test_hidden_states_agree_at_every_capture_point(hf_micro, reference_micro, naive_float32, engine_sequences):
     names = capture_points(reference_micro.config["num_hidden_layers"])
-    hf, exact, naive = (engine.hidden_states(sequences[0]) for engine in (hf_micro, reference_micro, naive_float32))
+    engines = (hf_micro, reference_micro, naive_float32)
+    hf, exact, naive = (engine.hidden_states(engine_sequences[0]) for engine in engines)
     assert list(hf) == list(exact) == names
     for name in names:
         assert hf[name].shape == exact[name].shape, name
@@ -113,11 +105,11 @@ def test_engines_declare_their_capabilities(hf_micro, reference_micro):
 
 @pytest.mark.parametrize("experts", ["grouped_mm", "batched_mm"])
 def test_other_experts_implementations_match_eager(micro_checkpoint, hf_micro, reference_micro, naive_float32,
-                                                   sequences, experts):
+                                                   engine_sequences, experts):
     engine = open_engine("hf", micro_checkpoint, experts_implementation=experts)
-    exact = concatenated(reference_micro.logprobs(sequences, PROMPT_LENGTHS))
-    naive = max_abs_error(concatenated(naive_float32.logprobs(sequences, PROMPT_LENGTHS)), exact)
-    candidate = max_abs_error(concatenated(engine.logprobs(sequences, PROMPT_LENGTHS)), exact)
+    exact = concatenated(reference_micro.logprobs(engine_sequences, ENGINE_PROMPT_LENGTHS))
+    naive = max_abs_error(concatenated(naive_float32.logprobs(engine_sequences, ENGINE_PROMPT_LENGTHS)), exact)
+    candidate = max_abs_error(concatenated(engine.logprobs(engine_sequences, ENGINE_PROMPT_LENGTHS)), exact)
     assert candidate <= allowed_error(naive, exact)
 
 

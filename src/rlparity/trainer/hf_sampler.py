@@ -11,11 +11,10 @@ from pathlib import Path
 
 import torch
 
-from rlparity.engines.base import Routing
+from rlparity.engines.base import Routing, right_pad
 from rlparity.errors import RlparityError
 from rlparity.routing.capture import RouterCapture
 from rlparity.trainer.policy import load_policy
-from rlparity.trainer.rollout import padded_batch
 
 
 class HFSampler:
@@ -39,7 +38,7 @@ class HFSampler:
         for _ in range(max_tokens):
             if not active:
                 break
-            ids, mask = padded_batch([sequences[i] for i in active], self.pad_id)
+            ids, mask = right_pad([sequences[i] for i in active], self.pad_id)
             logits = self.model(input_ids=ids, attention_mask=mask).logits  # [N, L, V]
             last = logits[torch.arange(len(active)), mask.sum(dim=1) - 1].float()  # [N, V]
             logp = torch.log_softmax(last / self.temperature, dim=-1)
@@ -56,7 +55,7 @@ class HFSampler:
 
     @torch.no_grad()
     def routing(self, sequences: Sequence[Sequence[int]]) -> list[Routing]:
-        ids, mask = padded_batch(sequences, self.pad_id)
+        ids, mask = right_pad(sequences, self.pad_id)
         with RouterCapture(self.model) as capture:
             self.model(input_ids=ids, attention_mask=mask)
         return capture.sequences([len(s) for s in sequences], ids.shape[1])

@@ -11,8 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import torch
-
 from rlparity.engines.base import Routing
 from rlparity.errors import RlparityError
 from rlparity.trainer.env import Task, ToolEnvironment, prompt_tokens, sample_task
@@ -98,12 +96,3 @@ def sample_tasks(env: ToolEnvironment, prompts: int, group: int, rng: random.Ran
     return [task for task in (sample_task(env.language, rng) for _ in range(prompts)) for _ in range(group)]
 
 
-def padded_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids [N, L] and attention mask [N, L]."""
-    longest = max(len(sequence) for sequence in sequences)
-    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        ids[row, : len(sequence)] = torch.tensor(list(sequence))
-        mask[row, : len(sequence)] = 1
-    return ids, mask

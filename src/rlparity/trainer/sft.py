@@ -27,6 +27,7 @@ import torch
 from filelock import FileLock
 from safetensors.torch import save_file
 
+from rlparity.engines.base import right_pad
 from rlparity.errors import RlparityError
 from rlparity.models.cache import cache_root, ensure_model, sha256_file
 from rlparity.models.recipe import language_of
@@ -41,7 +42,6 @@ from rlparity.trainer.env import (
     sample_task,
 )
 from rlparity.trainer.policy import load_policy
-from rlparity.trainer.rollout import padded_batch
 
 SFT_VERSION = 2  # bump when the data, the training code or the manifest below changes
 MANIFEST = "rlparity-sft.json"
@@ -75,7 +75,7 @@ def solved_episode(env: ToolEnvironment, task: Task) -> tuple[list[str], list[bo
 
 
 def sft_loss(model: torch.nn.Module, sequences: list[list[int]], masks: list[list[bool]], pad_id: int) -> torch.Tensor:
-    ids, attention = padded_batch(sequences, pad_id)
+    ids, attention = right_pad(sequences, pad_id)
     trained = torch.zeros_like(ids, dtype=torch.bool)
     for row, mask in enumerate(masks):
         trained[row, : len(mask)] = torch.tensor(mask)
