@@ -65,16 +65,23 @@ def attend_compiled(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_
     return _attend(_COMPILED[0], q, k, v, sinks, causal, window, scale, cu_seqlens)
 
 
-def _attend(flex_attention, q, k, v, sinks, causal, window, scale, cu_seqlens):
-    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
+def block_mask(seq_q, seq_k, *, causal=True, window=None, cu_seqlens=None, device):
+    """The flex BlockMask of the reference's visibility rule. Training code builds it once per batch and
+    every layer reuses it; `attend` builds it on each call."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    batch, heads_q, seq_q, head_dim = q.shape
-    seq_k = k.shape[2]
+    mask_mod = _mask_mod(seq_q, seq_k, causal, window, cu_seqlens, device)
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=seq_q, KV_LEN=seq_k, device=device)
+
+
+def attend_masked(flex_attention, q, k, v, sinks, mask, scale=None):
+    """`flex_attention` (compiled or not) under a prebuilt `block_mask`, the sink folded into its lse."""
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    heads_q, head_dim = q.shape[1], q.shape[3]
     scale = default_scale(head_dim) if scale is None else scale
-    mask_mod = _mask_mod(seq_q, seq_k, causal, window, cu_seqlens, q.device)
-    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=seq_q, KV_LEN=seq_k, device=q.device)
     out, aux = flex_attention(
-        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=heads_q != k.shape[1],
+        q, k, v, block_mask=mask, scale=scale, enable_gqa=heads_q != k.shape[1],
         return_aux=AuxRequest(lse=True),
     )
     lse_flex = aux.lse
@@ -83,3 +90,9 @@ def _attend(flex_attention, q, k, v, sinks, causal, window, scale, cu_seqlens):
     lse = torch.logaddexp(lse_flex, sink)
     out = (out.to(lse.dtype) * torch.exp(lse_flex - lse)[..., None]).to(q.dtype)
     return out, lse
+
+
+def _attend(flex_attention, q, k, v, sinks, causal, window, scale, cu_seqlens):
+    mask = block_mask(q.shape[2], k.shape[2], causal=causal, window=window, cu_seqlens=cu_seqlens,
+                      device=q.device)
+    return attend_masked(flex_attention, q, k, v, sinks, mask, scale)
