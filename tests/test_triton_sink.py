@@ -193,6 +193,25 @@ def test_float64_is_refused_with_the_reason():
         triton_sink.attend(*[t.double() for t in tensors])
 
 
+@needs_triton
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="an interpreter check, for machines without CUDA")
+def test_an_interpreter_that_cannot_run_the_loops_is_refused_with_the_fix(monkeypatch):
+    # What triton 3.6's interpreter does under numpy 2.4: int() of a one-element array inside the loop.
+    def broken_launch(*args):
+        raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+
+    monkeypatch.setattr(triton_sink._kernels(), "_interpreter_check", {(1,): broken_launch})
+    triton_sink._interpreter_check.cache_clear()
+    try:
+        reason = triton_sink.probe(DEVICE)
+        assert reason != AVAILABLE and "numpy<2.4" in reason and "0-dimensional" in reason
+        tensors, *_ = _inputs(1, 2, 1, 8, 8, 16, dict())
+        with pytest.raises(RlparityError, match="numpy<2.4"):
+            triton_sink.attend(*tensors)
+    finally:
+        triton_sink._interpreter_check.cache_clear()
+
+
 def test_triton_probe_answers_with_a_reason_on_unsupported_devices():
     reason = triton_sink.probe(torch.device("meta"))
     assert reason != AVAILABLE and "meta" in reason

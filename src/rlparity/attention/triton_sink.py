@@ -19,6 +19,7 @@ On CPU the kernels run under Triton's interpreter, which must be switched on wit
 before the kernels are defined (when rlparity.attention.triton_sink_kernels is first imported).
 """
 
+import functools
 import math
 import os
 import sys
@@ -107,7 +108,7 @@ def probe(device: torch.device) -> str:
     if device.type == "cpu":
         if not _interpreter_on(triton):
             return f"the triton backend runs on CPU only under Triton's interpreter: {INTERPRET_HINT}"
-        return AVAILABLE
+        return _interpreter_check()
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return "CUDA is not available to torch; the triton backend needs a GPU or TRITON_INTERPRET=1 on CPU"
@@ -132,6 +133,30 @@ def _interpreter_on(triton_module) -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+@functools.cache
+def _interpreter_check() -> str:
+    """Whether this triton's interpreter runs the kernels' loop pattern, tried once on a one-program kernel.
+
+    triton 3.6's interpreter turns a computed loop bound into an int with int() of a one-element numpy
+    array, which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"); every
+    kernel here would fail with that deep inside the interpreter.
+    """
+    import numpy
+    import triton
+
+    out = torch.zeros(1)
+    try:
+        _kernels()._interpreter_check[(1,)](out, 3)
+    except Exception as exc:  # noqa: BLE001 - any failure means the kernels cannot run here; the reason says which
+        return (f"Triton {triton.__version__}'s interpreter cannot run the kernels' loops with numpy "
+                f"{numpy.__version__} ({type(exc).__name__}: {exc}); triton 3.6's interpreter needs numpy < 2.4: "
+                f"`pip install 'numpy<2.4'`, or use a newer triton (3.9 works)")
+    if out.item() != 3.0:
+        return (f"Triton {triton.__version__}'s interpreter counted a 3-step loop as {out.item()}; "
+                f"its results cannot be trusted with numpy {numpy.__version__}")
+    return AVAILABLE
+
+
 def _kernels():
     from rlparity.attention import triton_sink_kernels
 
@@ -152,6 +177,8 @@ def _check_supported(q, k, v, sinks, kernels):
         raise RlparityError(f"{where}: expected q, k, v and sinks on one device, got {sorted(map(str, devices))}")
     if q.device.type == "cpu" and not kernels.INTERPRETED:
         raise RlparityError(f"{where}: CPU tensors need Triton's interpreter: {INTERPRET_HINT}")
+    if q.device.type == "cpu" and (reason := _interpreter_check()) != AVAILABLE:
+        raise RlparityError(f"{where}: {reason}")
     if q.device.type == "cuda" and kernels.INTERPRETED:
         raise RlparityError(f"{where}: TRITON_INTERPRET=1 is set, so the kernels accept CPU tensors only; "
                             f"got CUDA tensors. Unset TRITON_INTERPRET to run natively")
