@@ -1,5 +1,6 @@
 """The dashboard groups verdicts by environment, lists failing cells and benchmark numbers, escaped."""
 
+import gzip
 import json
 
 from rlparity.report import build_dashboard
@@ -36,3 +37,43 @@ def test_dashboard_compares_environments_and_lists_failures(tmp_path):
 def test_dashboard_without_inputs_says_so(tmp_path):
     page = build_dashboard([tmp_path / "none"], [], tmp_path / "index.html").read_text()
     assert "No conformance records found" in page and "No benchmark files found" in page
+
+
+def _record_line(verdict, time, device="NVIDIA H100"):
+    return json.dumps({"property": "sink_attention.dv", "subject": "triton", "case": "varlen_window_2k",
+                       "dtype": "fp32", "verdict": verdict, "error": 1e-5, "tolerance": 9e-6, "reason": "",
+                       "shapes": {"seq_q": 2048}, "time": time, "environment": {"device": device}}) + "\n"
+
+
+def test_a_rerun_on_the_same_environment_supersedes_the_earlier_verdict(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "new.jsonl").write_text(_record_line("pass", 2.0))
+    with gzip.open(runs / "old.jsonl.gz", "wt") as handle:  # read after new.jsonl, yet older
+        handle.write(_record_line("fail", 1.0) + _record_line("fail", 1.0, device="cpu"))
+
+    page = build_dashboard([runs], [], tmp_path / "index.html").read_text()
+
+    assert '<span class="pass">1 pass</span>' in page  # the H100 cell, fixed by the later run
+    assert page.count('<span class="fail">1 fail</span>') == 1  # the cpu cell, never re-run
+
+
+def test_benchmark_logs_are_read_beside_pytest_benchmark_json_and_listed_once(tmp_path):
+    environment = {"device": "NVIDIA H100"}
+    extra = {"tflops": 405.8, "environment": environment}
+    log_lines = [{"name": "test_attention[triton-seq8k-causal-fwd]", "median_s": 0.0015, "extra_info": extra},
+                 {"name": "test_attention[flex-seq8k-causal-fwd]", "median_s": 0.0016,
+                  "extra_info": {"tflops": 360.7, "environment": environment}}]
+    bench = {"benchmarks": [{"fullname": "benchmarks/bench_attention.py::test_attention[triton-seq8k-causal-fwd]",
+                             "stats": {"median": 0.0015}, "extra_info": extra}]}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "attention-bench.jsonl").write_text("".join(json.dumps(line) + "\n" for line in log_lines))
+    (run / "bench.json").write_text(json.dumps(bench))
+
+    page = build_dashboard([run], [run], tmp_path / "index.html").read_text()
+
+    assert "No conformance records found" in page  # benchmark lines are not result records
+    assert page.count("test_attention[triton-seq8k-causal-fwd]") == 1
+    assert "test_attention[flex-seq8k-causal-fwd]" in page and "360.7" in page
+    assert "run/attention-bench.jsonl" in page

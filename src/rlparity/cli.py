@@ -102,9 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     attention.set_defaults(run=_check_attention)
 
     dashboard = commands.add_parser("dashboard", help="results and benchmark JSON -> a static HTML page")
-    dashboard.add_argument("--results", nargs="*", default=["results"], help="JSON-lines files or folders")
+    dashboard.add_argument("--results", nargs="*", default=["results", "benchmarks/results"],
+                           help="JSON-lines files (plain or .gz) or folders; the default includes the GPU runs "
+                                "kept in benchmarks/results")
     dashboard.add_argument("--benchmarks", nargs="*", default=["benchmarks/results"],
-                           help="pytest-benchmark JSON files or folders")
+                           help="pytest-benchmark JSON files, benchmark logs (JSON lines) or folders")
     dashboard.add_argument("--out", default="dashboard/index.html")
     dashboard.set_defaults(run=_dashboard)
 

@@ -1,6 +1,7 @@
 """Result records (one JSON object per line), the environment fingerprint, and an append-only store."""
 
 import functools
+import gzip
 import json
 import os
 import platform
@@ -83,5 +84,7 @@ class ResultStore:
 
 
 def read_records(path: Path | str) -> list[dict]:
-    with Path(path).open() as handle:
+    """The JSON lines of a results file, gzip-compressed when its name ends in .gz."""
+    path = Path(path)
+    with (gzip.open(path, "rt") if path.suffix == ".gz" else path.open()) as handle:
         return [json.loads(line) for line in handle if line.strip()]

@@ -22,29 +22,72 @@ def environment_label(environment: dict) -> str:
     return " · ".join([environment.get("device", "?"), *versions])
 
 
-def _files(paths, pattern):
+def _files(paths, *patterns):
     for path in map(Path, paths):
         if path.is_dir():
-            yield from sorted(path.rglob(pattern))
+            yield from sorted(file for pattern in patterns for file in path.rglob(pattern))
         elif path.exists():
             yield path
 
 
+def _is_result(row: dict) -> bool:
+    return "property" in row and "verdict" in row
+
+
+def _is_benchmark_line(row: dict) -> bool:  # a line of benchmarks/bench_attention.py's RLPARITY_BENCH_LOG
+    return "name" in row and "extra_info" in row
+
+
 def load_results(paths) -> list[dict]:
-    return [record for path in _files(paths, "*.jsonl") for record in read_records(path)]
+    """Result records of the JSON-lines files (plain or .gz) under `paths`, the latest of each cell.
+
+    A cell is one property of one subject on one case, dtype and shape in one environment: a re-run on the
+    same environment supersedes the earlier verdict (what was fixed shows as fixed). Lines that are not
+    result records (benchmark logs kept beside them) are left to load_benchmarks.
+    """
+    latest = {}
+    for path in _files(paths, "*.jsonl", "*.jsonl.gz"):
+        for order, record in enumerate(read_records(path)):
+            if not _is_result(record):
+                continue
+            key = (record["property"], record["subject"], record.get("case"), record.get("dtype"),
+                   json.dumps(record.get("shapes"), sort_keys=True), environment_label(record.get("environment", {})))
+            stamp = (record.get("time") or 0, str(path), order)
+            if key not in latest or stamp >= latest[key][0]:
+                latest[key] = (stamp, record)
+    return [record for _, record in latest.values()]
+
+
+def _source(path: Path) -> str:
+    return f"{path.parent.name}/{path.name}"
 
 
 def load_benchmarks(paths) -> list[dict]:
-    rows = []
+    """pytest-benchmark JSON files and benchmark logs (JSON lines with name and extra_info) under `paths`;
+    a cell found in both (the same name, environment and median) is listed once."""
+    rows, seen = [], set()
+
+    def add(name, source, environment, median, extra):
+        key = (name.rsplit("::", 1)[-1], environment_label(environment), median)
+        if key not in seen:
+            seen.add(key)
+            rows.append({"name": name, "source": source, "environment": environment, "median_s": median,
+                         "extra": {k: v for k, v in extra.items() if k != "environment"}})
+
     for path in _files(paths, "*.json"):
         data = json.loads(path.read_text())
         machine = data.get("machine_info", {})
         for bench in data.get("benchmarks", []):
             extra = bench.get("extra_info", {})
             environment = extra.get("environment") or {"device": machine.get("cpu", {}).get("brand_raw", "?")}
-            rows.append({"name": bench.get("fullname", bench.get("name", "?")), "source": path.name,
-                         "environment": environment, "median_s": bench.get("stats", {}).get("median"),
-                         "extra": {k: v for k, v in extra.items() if k != "environment"}})
+            add(bench.get("fullname", bench.get("name", "?")), _source(path), environment,
+                bench.get("stats", {}).get("median"), extra)
+    for path in _files(paths, "*.jsonl"):
+        for row in read_records(path):
+            if _is_benchmark_line(row):
+                extra = row["extra_info"]
+                add(row["name"], _source(path), extra.get("environment") or {"device": "?"}, row.get("median_s"),
+                    extra)
     return rows
 
 
@@ -92,9 +135,9 @@ def benchmark_section(rows: list[dict]) -> str:
     for row in sorted(rows, key=lambda r: (r["name"], environment_label(r["environment"]))):
         median = "" if row["median_s"] is None else f"{row['median_s'] * 1e3:.3f}"
         extras = [html.escape(_fmt(row["extra"].get(key, ""))) for key in extra_keys]
-        table_rows.append([html.escape(row["name"]), html.escape(environment_label(row["environment"])), median,
-                           *extras])
-    return "<h2>Benchmarks</h2>" + _table(["benchmark", "environment", "median ms", *extra_keys], table_rows)
+        table_rows.append([html.escape(row["name"]), html.escape(environment_label(row["environment"])),
+                           html.escape(row["source"]), median, *extras])
+    return "<h2>Benchmarks</h2>" + _table(["benchmark", "environment", "file", "median ms", *extra_keys], table_rows)
 
 
 def _fmt(value) -> str:
