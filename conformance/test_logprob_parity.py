@@ -75,6 +75,7 @@ def test_planted_window_mismatch_is_caught(parity_engines, batch, floors, result
     result_store.append(Record(property="logprob_parity.sensitivity", subject=subject, case=batch.label(),
                                dtype=pair.floor_dtype, verdict=PASS if caught else FAIL, reason=reason,
                                error=result.measurement.stats["dlogp_max"] if result.measurement else None,
-                               extra={"points": [point.__dict__ for point in report.points]}))
+                               extra={"points": [point.__dict__ for point in report.points]},
+                               engines=result.engine_versions))
     verdict_counts[(subject, PASS if caught else FAIL)] += 1
     assert caught, reason + "\n" + "\n".join(report.table())

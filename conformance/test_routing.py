@@ -18,6 +18,7 @@ One Record per check; the per-layer table is in the record's extra["comparison"]
 import pytest
 
 from rlparity.engines import open_engine
+from rlparity.engines.base import process_versions
 from rlparity.engines.process import EngineProcessError
 from rlparity.errors import RlparityError
 from rlparity.models import Language
@@ -171,6 +172,7 @@ def test_trainer_vs_engine(trainers, rollout, sequences, dtype, engine_name, eng
                              coarser_dtype(engine.dtype, trainer.dtype),
                              shapes={"lengths": list(SEQUENCE_LENGTHS), "trainer": "one padded batch",
                                      "engine": "each sequence alone"})
+    record.engines = process_versions(engine)
     report(result_store, verdict_counts, record)
 
 
@@ -187,5 +189,6 @@ def test_replay(trainers, rollout, sequences, engine_name, engine_dtype, result_
     engine, routes, logprobs = rollout_engine(rollout, engine_name, engine_dtype, trainer.name, result_store,
                                               verdict_counts, "replay")
     record = check_replay(trainer.model, trainer.name, sequences, trainer.pad_id, engine.name, routes, logprobs)
+    record.engines = process_versions(engine)
     report(result_store, verdict_counts, record)
 

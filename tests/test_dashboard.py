@@ -77,3 +77,17 @@ def test_benchmark_logs_are_read_beside_pytest_benchmark_json_and_listed_once(tm
     assert page.count("test_attention[triton-seq8k-causal-fwd]") == 1
     assert "test_attention[flex-seq8k-causal-fwd]" in page and "360.7" in page
     assert "run/attention-bench.jsonl" in page
+
+
+def test_engine_versions_of_their_own_process_tell_environments_apart(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for version in ("0.31.0", "0.32.0"):
+        line = json.loads(_record_line("pass", 1.0, device="cpu"))
+        line["environment"]["engines"] = {"vllm[float32]": {"vllm": version, "torch": "2.13.0+cpu"}}
+        (runs / f"vllm-{version}.jsonl").write_text(json.dumps(line) + "\n")
+
+    page = build_dashboard([runs], [], tmp_path / "index.html").read_text()
+
+    assert "<th>cpu · vllm 0.31.0 · engine torch 2.13.0+cpu</th>" in page
+    assert "<th>cpu · vllm 0.32.0 · engine torch 2.13.0+cpu</th>" in page

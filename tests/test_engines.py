@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rlparity.engines import CaptureEngine, RoutingEngine, capture_points, open_engine
+from rlparity.engines.base import process_versions
 from rlparity.errors import RlparityError
 from rlparity.metrics import K_FORWARD, max_abs_error, rounding_floor, tolerance
 from tests.conftest import ENGINE_PROMPT_LENGTHS
@@ -117,3 +118,11 @@ def test_unknown_engine_is_named():
     expected = r"unknown engine 'trtllm': expected one of \['hf', 'hf_fsdp', 'reference', 'sglang', 'vllm'\]"
     with pytest.raises(RlparityError, match=expected):
         open_engine("trtllm", "/nowhere")
+
+
+def test_only_engines_in_a_process_of_their_own_report_versions(hf_micro):
+    class WorkerBacked:  # what VllmEngine and SglangEngine hold: their worker's start-up info
+        name = "vllm[float32]"
+        info = {"versions": {"vllm": "0.32.0", "torch": "2.13.0+cpu"}}
+
+    assert process_versions(hf_micro, WorkerBacked(), None) == {"vllm[float32]": WorkerBacked.info["versions"]}

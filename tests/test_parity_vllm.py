@@ -10,7 +10,7 @@ from rlparity.parity.check import check_pair
 from rlparity.parity.floors import NoiseFloors
 from rlparity.parity.pairs import FP32_ENGINE_BAR, HF_FP32, VLLM_FP32
 from rlparity.parity.semantics import OK, SKIPPED
-from rlparity.results import PASS
+from rlparity.results import PASS, ResultStore, read_records
 
 REASON = unavailable_reason()
 pytestmark = [pytest.mark.engine_vllm, pytest.mark.multi_process,
@@ -36,12 +36,19 @@ def test_preflight_finds_vllm_means_raw_logprobs(pool, batch):
     assert statuses["log-probs [processed T=0.7]"] == SKIPPED
 
 
-def test_hf_fp32_and_vllm_fp32_agree_within_the_floor_and_the_bar(pool, batch, micro_checkpoint):
+def test_hf_fp32_and_vllm_fp32_agree_within_the_floor_and_the_bar(pool, batch, micro_checkpoint, tmp_path):
     entry = calibrate("micro", micro_checkpoint, batch, dtypes=("float32",), log=lambda message: None)
     result = check_pair(pool, Pair(HF_FP32, VLLM_FP32, "cross", bar=FP32_ENGINE_BAR), batch,
                         NoiseFloors(entry, micro_checkpoint))
     assert result.verdict == PASS, result.reason
     assert result.measurement.stats["dlogp_max"] <= FP32_ENGINE_BAR
+    # The records name the vLLM that ran in the engine's own process, which this process's fingerprint cannot see.
+    store = ResultStore(tmp_path / "parity.jsonl")
+    for record in result.records(batch):
+        store.append(record)
+    vllm = pool.get(VLLM_FP32)
+    assert vllm.info["versions"]["vllm"]
+    assert all(row["environment"]["engines"] == {vllm.name: vllm.info["versions"]} for row in read_records(store.path))
 
 
 def test_layer_diff_sees_vllm_activations_within_the_floor(pool):

@@ -40,8 +40,11 @@ def test_vllm_rollouts_and_verified_sync(micro_sft, tmp_path):
     config = TrainConfig(steps=2, engine="vllm", model="micro", prompts_per_step=2, group=2, lr=1e-3, chunk_size=64,
                          entropy_coef=0.01)  # the entropy bonus moves the weights even when all rewards tie
     train_run(config, micro_sft, store, evaluate=False, sampler_factory=factory, log=lambda line: None)
-    steps = [r["extra"] for r in read_records(store.path) if r["property"] == STEP_PROPERTY]
+    records = [r for r in read_records(store.path) if r["property"] == STEP_PROPERTY]
+    steps = [r["extra"] for r in records]
     assert len(steps) == 2
+    engine = samplers[0].engine  # the records name the vLLM that sampled the rollouts
+    assert all(r["environment"]["engines"] == {engine.name: engine.info["versions"]} for r in records)
     for metrics in steps:
         assert metrics["ratio_min"] == metrics["ratio_max"] == 1.0
         assert metrics["sync_sinks"] > 0 and metrics["sync_routers"] > 0

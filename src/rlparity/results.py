@@ -31,6 +31,9 @@ class Record:
     reason: str = ""  # why a skip or an error, or what failed
     shapes: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    # Package versions of the engines that ran in their own process (vLLM, SGLang), by engine name: this
+    # process's fingerprint cannot see them. Written into the record's environment as "engines".
+    engines: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.verdict not in VERDICTS:
@@ -77,7 +80,10 @@ class ResultStore:
 
     def append(self, record: Record) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        row = asdict(record) | {"time": time.time(), "environment": environment_fingerprint()}
+        row = asdict(record)
+        engines = row.pop("engines")
+        environment = environment_fingerprint() | ({"engines": engines} if engines else {})
+        row |= {"time": time.time(), "environment": environment}
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         self.count += 1

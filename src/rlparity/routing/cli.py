@@ -66,6 +66,7 @@ def held_out_sequences(vocab_size: int, count: int, length: int, seed: int) -> l
 
 
 def routing_command(args) -> int:
+    from rlparity.engines.base import process_versions
     from rlparity.models import open_checkpoint
     from rlparity.routing.agreement import coarser_dtype, compare_routing
     from rlparity.routing.checks import agreement_record, precision_record
@@ -85,7 +86,9 @@ def routing_command(args) -> int:
         names = (a.name, b.name) if a.name != b.name else (f"{a.name} (a)", f"{b.name} (b)")
         comparison = compare_routing(engine_routes(a, sequences), engine_routes(b, sequences),
                                      dtype=coarser_dtype(a.dtype, b.dtype), names=names)
-        results.append((comparison, agreement_record(comparison, "agreement", shapes)))
+        record = agreement_record(comparison, "agreement", shapes)
+        record.engines = process_versions(a, b)
+        results.append((comparison, record))
         if args.router_precision:
             for engine in engines:
                 if hasattr(engine, "model") and hasattr(engine, "pad_id"):  # the hf engine: its transformers model

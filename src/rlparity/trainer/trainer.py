@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from rlparity.engines.base import process_versions
 from rlparity.errors import RlparityError
 from rlparity.metrics import logprob_agreement
 from rlparity.models.recipe import language_of
@@ -89,6 +90,7 @@ class Trainer:
         engine = sampler.name if sampler is not None else "rank0-engine"
         self.subject = f"{config.algo}/{config.old_logprob}/{config.correction}/{engine}" + (
             f"/fsdp{self.world}" if self.world > 1 else "")
+        self.engine_versions = process_versions(getattr(sampler, "engine", None))
         self.history: list[dict] = []
         self.sync = self.sync_weights()  # the engine starts from the trainer's weights
 
@@ -110,7 +112,8 @@ class Trainer:
         if self.world > 1:
             distributed.broadcast(reward)
         self.store.append(Record(EVAL_PROPERTY, self.subject, label, "float32", PASS, error=reward,
-                                 extra={"reward": reward, "episodes": len(episodes), "config": self.config.as_dict()}))
+                                 extra={"reward": reward, "episodes": len(episodes), "config": self.config.as_dict()},
+                                 engines=self.engine_versions))
         return reward
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
@@ -260,6 +263,7 @@ class Trainer:
 
     def _record(self, record: Record) -> None:
         if self.rank == 0:
+            record.engines = self.engine_versions
             self.store.append(record)
 
     def train(self) -> list[dict]:
