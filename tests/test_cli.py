@@ -30,3 +30,18 @@ def test_check_attention_fails_a_planted_bug_and_keeps_going(tmp_path, capsys):
 def test_bad_arguments_are_one_line_errors(capsys):
     assert main(["check", "attention", "--backend", "chunked", "--dtype", "fp8"]) == 2
     assert "unknown dtype 'fp8'" in capsys.readouterr().err
+
+
+def test_env_names_the_engines_interpreters_and_their_versions(monkeypatch, tmp_path, capsys):
+    import json
+    import sys
+    from importlib import metadata
+
+    monkeypatch.setenv("RLPARITY_VLLM_PYTHON", sys.executable)  # stands in for a vLLM environment
+    monkeypatch.setenv("RLPARITY_SGLANG_PYTHON", str(tmp_path / "no-such-python"))
+    assert main(["env"]) == 0
+    engines = json.loads(capsys.readouterr().out)["engines"]
+    assert engines["vllm"]["python"] == sys.executable
+    assert engines["vllm"]["versions"]["torch"] == metadata.version("torch")
+    assert "vllm" in engines["vllm"]["versions"]  # asked for, even where it is not installed (None)
+    assert "not an executable file" in engines["sglang"]["unavailable"]

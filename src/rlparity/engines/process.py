@@ -40,6 +40,34 @@ def find_engine_python(env_var: str, module: str, engine: str, install_hint: str
         return sys.executable, f"this interpreter ({sys.executable}) has {module}"
     return None, f"{engine} is not importable here ({sys.executable}) and {env_var} is not set; {install_hint}"
 
+# Package versions of an interpreter, read from its installed metadata (no package is imported, so it is quick).
+_VERSIONS_SCRIPT = """
+import json, platform, sys
+from importlib import metadata
+def version(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+print(json.dumps({"python": platform.python_version(), **{name: version(name) for name in sys.argv[1:]}}))
+"""
+VERSIONS_TIMEOUT_S = 60.0
+
+
+def interpreter_versions(python: str, packages: tuple[str, ...]) -> dict:
+    """{"python": ..., package: version or None} of another interpreter, or {"error": why it could not be read}."""
+    import json
+
+    try:
+        done = subprocess.run([python, "-c", _VERSIONS_SCRIPT, *packages], capture_output=True, text=True,
+                              timeout=VERSIONS_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]}
+    return json.loads(done.stdout)
+
+
 LOG_TAIL_LINES = 40
 CLOSE_TIMEOUT_S = 30.0
 
