@@ -9,7 +9,7 @@ from rlparity.parity.batch import PARITY_MAX_LEN, language_tokens
 from rlparity.parity.check import check_pair
 from rlparity.parity.floors import NoiseFloors
 from rlparity.parity.pairs import FP32_ENGINE_BAR, HF_FP32, VLLM_FP32
-from rlparity.parity.semantics import OK, SKIPPED
+from rlparity.parity.semantics import OK, SAMPLE_TOKENS, SKIPPED
 from rlparity.results import PASS, ResultStore, read_records
 
 REASON = unavailable_reason()
@@ -34,6 +34,8 @@ def test_preflight_finds_vllm_means_raw_logprobs(pool, batch):
     assert report.ok and statuses["log-probs [raw]"] == OK, "\n".join(report.lines())
     # vLLM's teacher-forced log-probs are raw only: the processed probe is skipped with vLLM's reason
     assert statuses["log-probs [processed T=0.7]"] == SKIPPED
+    sampled = next(finding for finding in report.findings if finding.check.startswith("sampled"))
+    assert sampled.status == OK and len(sampled.sampled_tokens) == SAMPLE_TOKENS  # kept to compare versions
 
 
 def test_hf_fp32_and_vllm_fp32_agree_within_the_floor_and_the_bar(pool, batch, micro_checkpoint, tmp_path):

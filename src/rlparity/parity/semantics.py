@@ -54,6 +54,8 @@ class Finding:
     name: str = ""  # the mismatch, e.g. "temperature 0.7"
     effect: str = ""  # its closed form and size on this batch
     parameters: dict = field(default_factory=dict)  # the fitted hypothesis: temperature, top_k, top_p, shift, ...
+    # The sampled probe's tokens (seed SAMPLE_SEED): two engine versions that score alike may still sample apart.
+    sampled_tokens: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -219,7 +221,9 @@ def check_sampled(trainer, engine, prompt: list[int], tolerance: float, diff_com
         return Finding(check, SKIPPED, f"the engine cannot sample here: {exc}")
     asked = Sampling(temperature=SAMPLE_PROBE.temperature, logprobs=sampled.logprobs_kind)
     scored = trainer_scores(trainer, [list(prompt) + list(sampled.token_ids)], [len(prompt)])
-    return judge_values(check, engine.name, scored, [sampled.logprobs], asked, tolerance, diff_command)
+    finding = judge_values(check, engine.name, scored, [sampled.logprobs], asked, tolerance, diff_command)
+    finding.sampled_tokens = [int(token) for token in sampled.token_ids]
+    return finding
 
 
 def judge_values(check: str, engine_name: str, scored: Scored, values: list[torch.Tensor], asked: Sampling,
