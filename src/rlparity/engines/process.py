@@ -40,6 +40,7 @@ def find_engine_python(env_var: str, module: str, engine: str, install_hint: str
         return sys.executable, f"this interpreter ({sys.executable}) has {module}"
     return None, f"{engine} is not importable here ({sys.executable}) and {env_var} is not set; {install_hint}"
 
+
 # Package versions of an interpreter, read from its installed metadata (no package is imported, so it is quick).
 _VERSIONS_SCRIPT = """
 import json, platform, sys
