@@ -10,6 +10,7 @@ because the kernels must be defined with TRITON_INTERPRET unset:
 import argparse
 import os
 import sys
+import time
 
 # Shared memory per block, opt-in maximum (CUDA programming guide, compute capabilities table).
 MAX_SHARED_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -55,11 +56,14 @@ def main(argv=None) -> int:
                 signature[name] = "constexpr"
             else:
                 signature[name] = pointers.get(name, "fp32" if name in floats else "i32")
+        started = time.monotonic()
         compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=target,
                                   options=dict(num_warps=warps, num_stages=stages))
+        seconds = time.monotonic() - started
         shared = compiled.metadata.shared
         limit = MAX_SHARED_BYTES.get(args.arch)
-        print(f"{fn.__name__}: sm{args.arch} {args.dtype} head_dim {args.head_dim}: shared {shared} bytes")
+        print(f"{fn.__name__}: sm{args.arch} {args.dtype} head_dim {args.head_dim}: shared {shared} bytes, "
+              f"compiled in {seconds:.1f} s")
         if limit is not None and shared > limit:
             raise SystemExit(f"{fn.__name__}: needs {shared} bytes of shared memory, sm{args.arch} has {limit}")
 
