@@ -111,9 +111,8 @@ class Trainer:
         reward = sum(e.reward for e in episodes) / len(episodes)
         if self.world > 1:
             distributed.broadcast(reward)
-        self.store.append(Record(EVAL_PROPERTY, self.subject, label, "float32", PASS, error=reward,
-                                 extra={"reward": reward, "episodes": len(episodes), "config": self.config.as_dict()},
-                                 engines=self.engine_versions))
+        self._record(Record(EVAL_PROPERTY, self.subject, label, "float32", PASS, error=reward,
+                            extra={"reward": reward, "episodes": len(episodes), "config": self.config.as_dict()}))
         return reward
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
@@ -262,6 +261,7 @@ class Trainer:
                 + ("" if recompute is None else f" (recompute {recompute:.3f})") + f"  {metrics['step_s']:.1f}s")
 
     def _record(self, record: Record) -> None:
+        """Written by rank 0 alone, naming the rollout engine's versions."""
         if self.rank == 0:
             record.engines = self.engine_versions
             self.store.append(record)
