@@ -33,7 +33,7 @@ def test_gpu_only_backend_names_the_fix_on_cpu():
     ("rlparity.attention.chunked:no_such_fn", "has no attribute 'no_such_fn'"),
     ("rlparity.attention.chunked:BLOCK_K", "is not callable"),
     ("tests.planted_attention:wrong_signature", "expected signature attend(q, k, v, sinks"),
-    ("rlparity.attention.chunked:", "expected 'module:function'"),
+    ("rlparity.attention.chunked:", "expected 'module:attr'"),
 ])
 def test_bad_backend_names_fail_with_the_reason(target, message):
     with pytest.raises(RlparityError, match=None) as info:

@@ -4,15 +4,13 @@ A backend is a function with the contract's signature, named by an import path (
 so that listing backends imports nothing heavy. Its probe answers "available" or why not.
 """
 
-import importlib
 import inspect
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from rlparity.doors import resolve_callable
 from rlparity.errors import RlparityError
 
 AVAILABLE = "available"
@@ -45,7 +43,7 @@ class Backend:
 
     def attend(self, *args, **kwargs):
         if not self._loaded:
-            self._loaded.append(resolve_function(self.target, self.name))
+            self._loaded.append(resolve_callable(self.target, f"attention backend {self.name!r} at"))
         return self._loaded[0](*args, **kwargs)
 
 
@@ -78,33 +76,11 @@ def get_backend(name_or_target: str) -> Backend:
 def user_backend(target: str) -> Backend:
     """Wrap a user's function; fails now, with the reason, if it cannot be imported or has the wrong signature.
 
-    The module is looked up as `python -m` would: the current directory comes first.
+    The module is looked up as `python -m` would: the current directory comes first (rlparity.doors).
     """
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    fn = resolve_function(target, target)
+    fn = resolve_callable(target, "attention backend")
     check_signature(fn, target)
     return Backend(name=target, target=target, summary="user-supplied backend", _loaded=[fn])
-
-
-def resolve_function(target: str, name: str) -> Callable:
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise RlparityError(f"attention backend {name!r}: expected 'module:function', got {target!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise RlparityError(
-            f"attention backend {name!r}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
-        ) from exc
-    fn = module
-    for part in attr.split("."):
-        if not hasattr(fn, part):
-            raise RlparityError(f"attention backend {name!r}: module {module_name!r} has no attribute {attr!r}")
-        fn = getattr(fn, part)
-    if not callable(fn):
-        raise RlparityError(f"attention backend {name!r}: {target!r} is not callable")
-    return fn
 
 
 def check_signature(fn: Callable, name: str) -> None:
