@@ -1,12 +1,17 @@
-"""Options and shared fixtures of the conformance suite.
+"""Shared fixtures of the conformance suite, and its one recording path.
 
-    pytest conformance                                        every registered backend
-    pytest conformance --attention-backend pkg.module:attend  the matrix against your own kernel
-    pytest conformance --require-cuda                         fail at once when no GPU is visible
+The options (--attention-backend, --engine, --checkpoint, --sequence-parallel, --device, --require-cuda,
+--results) come from rlparity's pytest plugin (rlparity.pytest_plugin), installed with the package:
+
+    pytest conformance                                        every registered backend and engine
+    pytest conformance --attention-backend pkg.module:attend  the attention checks against your own kernel
+    rlparity conformance ...                                  the same, from an installed rlparity
+
+Every check goes through the `recorder` fixture: it writes the check's records to the results file, counts
+their verdicts for the summary and the exit status, and judges the test (skip with the reason, or fail).
 """
 
 import os
-from collections import Counter
 
 import pytest
 import torch
@@ -15,80 +20,53 @@ if not torch.cuda.is_available():
     # Triton kernels run on CPU tensors through the interpreter; it must be set before triton is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from rlparity.errors import RlparityError  # noqa: E402
-from rlparity.results import ResultStore, default_results_path  # noqa: E402
-
-_STORE_KEY = pytest.StashKey[ResultStore]()
-_BACKENDS_KEY = pytest.StashKey[list]()
-_COUNTS_KEY = pytest.StashKey[Counter]()
-
-
-def pytest_addoption(parser):
-    group = parser.getgroup("rlparity")
-    group.addoption("--attention-backend", action="append", default=[], metavar="NAME|module:function",
-                    help="run the attention matrix against this backend only (repeatable)")
-    group.addoption("--device", default=None, help="torch device for the checks (default: cuda if visible, else cpu)")
-    group.addoption("--require-cuda", action="store_true", help="fail at once if no CUDA device is visible")
-    group.addoption("--results", default=None, help="JSON-lines results file (default: results/<suite>-<time>.jsonl)")
+from rlparity.pytest_plugin import Verdicts, conformance_run  # noqa: E402
+from rlparity.results import ERROR, FAIL, SKIP, Record, ResultStore  # noqa: E402
 
 
 def pytest_configure(config):
-    if config.getoption("--require-cuda") and not torch.cuda.is_available():
-        raise pytest.UsageError(
-            "--require-cuda: no CUDA device is visible (torch.cuda.is_available() is False, torch "
-            f"{torch.__version__}); run this session on a GPU machine with a CUDA build of torch"
-        )
-    config.stash[_BACKENDS_KEY] = _resolve_attention_backends(config.getoption("--attention-backend"))
-    path = config.getoption("--results") or default_results_path("conformance")
-    config.stash[_STORE_KEY] = ResultStore(path)
-    config.stash[_COUNTS_KEY] = Counter()
+    conformance_run(config)
+
+
+class Recorder:
+    """Records, counts and judges. `outcome` is anything with a verdict and a reason (a Record, a Measurement)."""
+
+    def __init__(self, verdicts: Verdicts):
+        self._verdicts = verdicts
+
+    @property
+    def store(self) -> ResultStore:
+        """The results file, for components that write records of their own (a trainer's per-step records)."""
+        return self._verdicts.store
+
+    def record(self, *records: Record) -> None:
+        for record in records:
+            self._verdicts.add(record)
+
+    @staticmethod
+    def judge(outcome, details: str = "") -> None:
+        if outcome.verdict == SKIP:
+            pytest.skip(outcome.reason)
+        if outcome.verdict in (FAIL, ERROR):
+            pytest.fail(f"{outcome.verdict}: {outcome.reason}" + (f"\n{details}" if details else ""), pytrace=False)
+
+    def check(self, record: Record, details: str = "") -> None:
+        """Records one check's record and judges the test by it."""
+        self.record(record)
+        self.judge(record, details)
 
 
 @pytest.fixture(scope="session")
-def result_store(pytestconfig) -> ResultStore:
-    return pytestconfig.stash[_STORE_KEY]
+def recorder(pytestconfig) -> Recorder:
+    from rlparity.pytest_plugin import verdicts
 
-
-@pytest.fixture(scope="session")
-def verdict_counts(pytestconfig) -> Counter:
-    """(subject, verdict) -> count, for the summary table."""
-    return pytestconfig.stash[_COUNTS_KEY]
+    return Recorder(verdicts(pytestconfig))
 
 
 @pytest.fixture(scope="session")
 def device(pytestconfig) -> torch.device:
     name = pytestconfig.getoption("--device") or ("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _resolve_attention_backends(names):
-    from rlparity.attention import get_backend, registered_backends
-
-    if not names:
-        return registered_backends()
-    try:
-        return [get_backend(name) for name in names]
-    except RlparityError as exc:
-        raise pytest.UsageError(str(exc)) from None
-
-
-def selected_attention_backends(config):
-    """The backends named with --attention-backend, else every registered one."""
-    return config.stash[_BACKENDS_KEY]
-
-
-def pytest_terminal_summary(terminalreporter, config):
-    store = config.stash.get(_STORE_KEY, None)
-    counts = config.stash.get(_COUNTS_KEY, Counter())
-    if counts:
-        subjects = sorted({subject for subject, _ in counts})
-        terminalreporter.section("rlparity verdicts")
-        terminalreporter.write_line(f"{'subject':<48} {'pass':>6} {'fail':>6} {'error':>6} {'skip':>6}")
-        for subject in subjects:
-            row = [counts[(subject, v)] for v in ("pass", "fail", "error", "skip")]
-            terminalreporter.write_line(f"{subject:<48} " + " ".join(f"{n:>6}" for n in row))
-    if store is not None and store.count:
-        terminalreporter.write_line(f"rlparity: {store.count} result records written to {store.path}")
 
 
 @pytest.fixture(scope="session")

@@ -42,20 +42,16 @@ def floors(batch):
 
 
 @pytest.mark.parametrize("pair", [pytest.param(pair, marks=marks(pair), id=pair.id) for pair in PARITY_PAIRS])
-def test_logprob_parity(pair, parity_engines, batch, floors, result_store, verdict_counts):
+def test_logprob_parity(pair, parity_engines, batch, floors, recorder):
     result = check_pair(parity_engines, pair, batch, floors)
-    for record in result.records(batch):
-        result_store.append(record)
-    verdict_counts[(pair.label, result.verdict)] += 1
-    if result.verdict == SKIP:
-        pytest.skip(result.reason)
+    recorder.record(*result.records(batch))
     details = "\n".join(result.preflight.lines()) if result.preflight else ""
-    assert result.verdict == PASS, f"{pair.label}: {result.verdict}: {result.reason}\n{details}"
+    recorder.judge(result, details=f"{pair.label}\n{details}")
 
 
 @pytest.mark.engine_vllm
 @pytest.mark.multi_process
-def test_planted_window_mismatch_is_caught(parity_engines, batch, floors, result_store, verdict_counts):
+def test_planted_window_mismatch_is_caught(parity_engines, batch, floors, recorder):
     """Sensitivity of this file: a vLLM that ignores the sliding window must fail parity, and the layer diff must
     name layer 0's attention from the window's first token on."""
     pair = Pair(HF_FP32, VLLM_WITHOUT_WINDOW, "cross")
@@ -71,11 +67,9 @@ def test_planted_window_mismatch_is_caught(parity_engines, batch, floors, result
     caught = (result.verdict == FAIL and first is not None and first.name == "layers.0.attn"
               and first.first_token == window)
     reason = f"parity: {result.verdict} ({result.reason}); diff: {report.hint}"
-    subject = f"planted: {pair.label}"
-    result_store.append(Record(property="logprob_parity.sensitivity", subject=subject, case=batch.label(),
-                               dtype=pair.floor_dtype, verdict=PASS if caught else FAIL, reason=reason,
-                               error=result.measurement.stats["dlogp_max"] if result.measurement else None,
-                               extra={"points": [point.__dict__ for point in report.points]},
-                               engines=result.engine_versions))
-    verdict_counts[(subject, PASS if caught else FAIL)] += 1
-    assert caught, reason + "\n" + "\n".join(report.table())
+    recorder.check(Record(property="logprob_parity.sensitivity", subject=f"planted: {pair.label}",
+                          case=batch.label(), dtype=pair.floor_dtype, verdict=PASS if caught else FAIL, reason=reason,
+                          error=result.measurement.stats["dlogp_max"] if result.measurement else None,
+                          extra={"points": [point.__dict__ for point in report.points]},
+                          engines=result.engine_versions),
+                   details="\n".join(report.table()))

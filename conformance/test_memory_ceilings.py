@@ -57,16 +57,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
 CUDA_NAIVE_TOKENS = 4096  # the naive log-prob pass at long context would not fit an 80 GB card at all
 
 
-def _record(store, counts, prop, subject, case, passed, measured, limit, reason, extra=None):
-    verdict = PASS if passed else FAIL
-    store.append(Record(property=prop, subject=subject, case=case, dtype="bf16", verdict=verdict, error=measured,
-                        tolerance=limit, reason=reason, extra=extra or {}))
-    counts[(subject, verdict)] += 1
-    if not passed:
-        pytest.fail(reason, pytrace=False)
+def _record(recorder, prop, subject, case, passed, measured, limit, reason, extra=None):
+    recorder.check(Record(property=prop, subject=subject, case=case, dtype="bf16", verdict=PASS if passed else FAIL,
+                          error=measured, tolerance=limit, reason=reason, extra=extra or {}))
 
 
-def _within_ceiling(store, counts, prop, subject, case, report, estimate, categories=None):
+def _within_ceiling(recorder, prop, subject, case, report, estimate, categories=None):
     """The measured peak under the ceiling, and every compared quantity within the validated tolerance."""
     rows = compare(report, estimate, categories or {})
     limit = ceiling(estimate.peak)
@@ -75,16 +71,16 @@ def _within_ceiling(store, counts, prop, subject, case, report, estimate, catego
     reason = "; ".join([f"peak {format_bytes(report.peak)} vs ceiling {format_bytes(limit)}", *off])
     extra = {"comparisons": {row.quantity: [row.measured, row.estimated] for row in rows},
              "report": report.as_dict(), "tolerance": VALIDATION_TOLERANCE}
-    _record(store, counts, prop, subject, case, passed, report.peak, limit, reason, extra)
+    _record(recorder, prop, subject, case, passed, report.peak, limit, reason, extra)
 
 
-def _exceeds_ceiling(store, counts, prop, subject, case, report, fixed_estimate):
+def _exceeds_ceiling(recorder, prop, subject, case, report, fixed_estimate):
     """A naive path must exceed the ceiling its fixed counterpart is held to."""
     limit = ceiling(fixed_estimate.peak)
     passed = report.peak > limit
     reason = (f"naive peak {format_bytes(report.peak)} is {report.peak / limit:.1f}x the fixed path's ceiling "
               f"{format_bytes(limit)}" + ("" if passed else ": the check cannot tell the naive path from the fix"))
-    _record(store, counts, prop, subject, case, passed, report.peak, limit, reason, {"report": report.as_dict()})
+    _record(recorder, prop, subject, case, passed, report.peak, limit, reason, {"report": report.as_dict()})
 
 
 # ------------------------------------------------------------------------------------------------ CPU, tracked
@@ -103,16 +99,16 @@ def _tiny_step(attention, tokens, chunk, experts=EXPERTS_IMPLEMENTATION):
 
 
 @pytest.mark.parametrize("attention", ["chunked", "eager"])
-def test_cpu_training_step_within_ceiling(attention, result_store, verdict_counts):
+def test_cpu_training_step_within_ceiling(attention, recorder):
     report = _tiny_step(attention, TINY_TOKENS, TINY_CHUNK)
     estimate = analytic.estimate(analytic.Workload(model_config("tiny"), TINY_TOKENS, attention=attention,
                                                    logprob_chunk=TINY_CHUNK, optimizer_foreach=False))
     categories = CATEGORY_PHASES | {f"activations.{kind}": "forward" for kind in estimate.saved_activations()}
-    _within_ceiling(result_store, verdict_counts, "memory.train_step", f"tiny/{attention}/{EXPERTS_IMPLEMENTATION}",
+    _within_ceiling(recorder, "memory.train_step", f"tiny/{attention}/{EXPERTS_IMPLEMENTATION}",
                     f"T={TINY_TOKENS},chunk={TINY_CHUNK}", report, estimate, categories)
 
 
-def test_cpu_naive_logprobs_exceed_ceiling(result_store, verdict_counts):
+def test_cpu_naive_logprobs_exceed_ceiling(recorder):
     d = Dims.of(model_config("tiny"))
     tokens = 2 * TINY_TOKENS
     hidden = torch.randn(tokens, d.hidden, dtype=BF16, requires_grad=True)
@@ -120,7 +116,7 @@ def test_cpu_naive_logprobs_exceed_ceiling(result_store, verdict_counts):
     targets = torch.randint(0, d.vocab, (tokens,))
     report = logprob_step(TrackedMeter(), hidden, weight, targets, chunk=None)
     fixed = analytic.logprob_step_estimate(model_config("tiny"), tokens, BF16, TINY_CHUNK)
-    _exceeds_ceiling(result_store, verdict_counts, "memory.naive_exceeds.logprobs", "tiny/full_vocab_fp32",
+    _exceeds_ceiling(recorder, "memory.naive_exceeds.logprobs", "tiny/full_vocab_fp32",
                      f"T={tokens}", report, fixed)
 
 
@@ -139,19 +135,19 @@ def _cpu_layer(config, attention, experts, tokens):
     ("eager", MANY_EXPERTS, MANY_EXPERTS_TOKENS),
     ("batched_mm", {}, TINY_TOKENS),
 ], ids=["eager_per_expert_gradients", "batched_mm_per_pair_weights"])
-def test_cpu_naive_experts_exceed_ceiling(experts, config_change, tokens, result_store, verdict_counts):
+def test_cpu_naive_experts_exceed_ceiling(experts, config_change, tokens, recorder):
     config = model_config("tiny") | config_change
     report = _cpu_layer(config, "chunked", experts, tokens)
     fixed = analytic.layer_step_estimate(config, tokens, BF16, "chunked")
-    _exceeds_ceiling(result_store, verdict_counts, "memory.naive_exceeds.experts", f"tiny/transformers_{experts}",
+    _exceeds_ceiling(recorder, "memory.naive_exceeds.experts", f"tiny/transformers_{experts}",
                      f"T={tokens},E={config['num_local_experts']}", report, fixed)
 
 
-def test_cpu_eager_attention_exceeds_ceiling(result_store, verdict_counts):
+def test_cpu_eager_attention_exceeds_ceiling(recorder):
     config = model_config("tiny")
     report = _cpu_layer(config, "eager", EXPERTS_IMPLEMENTATION, TINY_EAGER_TOKENS)
     fixed = analytic.layer_step_estimate(config, TINY_EAGER_TOKENS, BF16, "chunked")
-    _exceeds_ceiling(result_store, verdict_counts, "memory.naive_exceeds.attention", "tiny/eager_attention",
+    _exceeds_ceiling(recorder, "memory.naive_exceeds.attention", "tiny/eager_attention",
                      f"T={TINY_EAGER_TOKENS}", report, fixed)
 
 
@@ -175,40 +171,40 @@ def _meta_logprobs(model, chunk, tokens=LONG_CONTEXT):
 
 
 @pytest.mark.parametrize("model", REAL_SIZE)
-def test_meta_decoder_layer_within_ceiling(model, result_store, verdict_counts):
+def test_meta_decoder_layer_within_ceiling(model, recorder):
     report = _meta_layer(model, "triton", EXPERTS_IMPLEMENTATION)
     estimate = analytic.layer_step_estimate(model_config(model), LONG_CONTEXT, BF16, "triton")
     categories = {"gradients": "backward"} | {f"activations.{k}": "forward" for k in estimate.saved_activations()}
-    _within_ceiling(result_store, verdict_counts, "memory.layer", f"{model}/triton/{EXPERTS_IMPLEMENTATION}",
+    _within_ceiling(recorder, "memory.layer", f"{model}/triton/{EXPERTS_IMPLEMENTATION}",
                     f"T={LONG_CONTEXT}", report, estimate, categories)
 
 
 @pytest.mark.parametrize("model", REAL_SIZE)
-def test_meta_logprob_pass_within_ceiling(model, result_store, verdict_counts):
+def test_meta_logprob_pass_within_ceiling(model, recorder):
     report = _meta_logprobs(model, LOGPROB_CHUNK)
     estimate = analytic.logprob_step_estimate(model_config(model), LONG_CONTEXT, BF16, LOGPROB_CHUNK)
-    _within_ceiling(result_store, verdict_counts, "memory.logprob_pass", f"{model}/chunked_logprobs",
+    _within_ceiling(recorder, "memory.logprob_pass", f"{model}/chunked_logprobs",
                     f"T={LONG_CONTEXT},chunk={LOGPROB_CHUNK}", report, estimate,
                     {"activations.logprob": "forward", "gradients": "backward"})
 
 
-def test_meta_naive_logprobs_exceed_ceiling(result_store, verdict_counts):
+def test_meta_naive_logprobs_exceed_ceiling(recorder):
     model = "gpt-oss-20b"
     report = _meta_logprobs(model, chunk=None)
     fixed = analytic.logprob_step_estimate(model_config(model), LONG_CONTEXT, BF16, LOGPROB_CHUNK)
-    _exceeds_ceiling(result_store, verdict_counts, "memory.naive_exceeds.logprobs", f"{model}/full_vocab_fp32",
+    _exceeds_ceiling(recorder, "memory.naive_exceeds.logprobs", f"{model}/full_vocab_fp32",
                      f"T={LONG_CONTEXT}", report, fixed)
 
 
-def test_meta_naive_experts_exceed_ceiling(result_store, verdict_counts):
+def test_meta_naive_experts_exceed_ceiling(recorder):
     model = "gpt-oss-20b"
     report = _meta_layer(model, "triton", "batched_mm")
     fixed = analytic.layer_step_estimate(model_config(model), LONG_CONTEXT, BF16, "triton")
-    _exceeds_ceiling(result_store, verdict_counts, "memory.naive_exceeds.experts", f"{model}/transformers_batched_mm",
+    _exceeds_ceiling(recorder, "memory.naive_exceeds.experts", f"{model}/transformers_batched_mm",
                      f"T={LONG_CONTEXT}", report, fixed)
 
 
-def test_meta_dense_eval_experts_exceed_ceiling(result_store, verdict_counts):
+def test_meta_dense_eval_experts_exceed_ceiling(recorder):
     model = "gpt-oss-20b"
     config = model_config(model)
     hf_config = gpt_oss_config(config, attention="triton", experts=DENSE_EXPERTS_IMPLEMENTATION)
@@ -216,15 +212,15 @@ def test_meta_dense_eval_experts_exceed_ceiling(result_store, verdict_counts):
     report = layer_eval_forward(TrackedMeter(META), layer, position_embeddings(hf_config, LONG_CONTEXT, BF16),
                                 LONG_CONTEXT)
     fixed = analytic.layer_step_estimate(config, LONG_CONTEXT, BF16, "triton")  # forward and backward
-    _exceeds_ceiling(result_store, verdict_counts, "memory.naive_exceeds.experts", f"{model}/dense_eval_experts",
+    _exceeds_ceiling(recorder, "memory.naive_exceeds.experts", f"{model}/dense_eval_experts",
                      f"T={LONG_CONTEXT},no_grad", report, fixed)
 
 
-def test_meta_eager_attention_exceeds_ceiling(result_store, verdict_counts):
+def test_meta_eager_attention_exceeds_ceiling(recorder):
     model = "gpt-oss-20b"
     report = _meta_layer(model, "eager", EXPERTS_IMPLEMENTATION)
     fixed = analytic.layer_step_estimate(model_config(model), LONG_CONTEXT, BF16, "triton")
-    _exceeds_ceiling(result_store, verdict_counts, "memory.naive_exceeds.attention", f"{model}/eager_attention",
+    _exceeds_ceiling(recorder, "memory.naive_exceeds.attention", f"{model}/eager_attention",
                      f"T={LONG_CONTEXT}", report, fixed)
 
 
@@ -250,14 +246,14 @@ def _cuda_measure(run, baseline, estimate, snapshot):
     return measured, report
 
 
-def _judge_cuda(store, counts, prop, subject, case, measured, report, estimate, snapshot, exceed=False):
+def _judge_cuda(recorder, prop, subject, case, measured, report, estimate, snapshot, exceed=False):
     limit = ceiling(estimate.peak)
     passed = measured > limit if exceed else measured <= limit
     reason = (f"peak {format_bytes(measured)} above the baseline vs ceiling {format_bytes(limit)} "
               f"(reserved {format_bytes(report.reserved_peak or 0)})")
     if measured > limit:
         reason += f"; allocator snapshot: {snapshot}"
-    _record(store, counts, prop, subject, case, passed, measured, limit, reason, {"report": report.as_dict()})
+    _record(recorder, prop, subject, case, passed, measured, limit, reason, {"report": report.as_dict()})
 
 
 CUDA_ATTENTION = {"chunked": "chunked", "triton": "rlparity.attention.triton_sink:attend"}
@@ -266,7 +262,7 @@ CUDA_ATTENTION = {"chunked": "chunked", "triton": "rlparity.attention.triton_sin
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("attention", list(CUDA_ATTENTION))
-def test_cuda_real_size_layer_within_ceiling(attention, tmp_path, result_store, verdict_counts):
+def test_cuda_real_size_layer_within_ceiling(attention, tmp_path, recorder):
     from rlparity.attention import triton_sink
     from rlparity.attention.registry import AVAILABLE
 
@@ -287,7 +283,7 @@ def test_cuda_real_size_layer_within_ceiling(attention, tmp_path, result_store, 
     snapshot = tmp_path / f"layer-{attention}.pickle"
     measured, report = _cuda_measure(lambda meter: layer_step(meter, layer, cos_sin, LONG_CONTEXT), baseline, estimate,
                                      snapshot)
-    _judge_cuda(result_store, verdict_counts, "memory.layer.cuda", f"{model}/{attention}/{EXPERTS_IMPLEMENTATION}",
+    _judge_cuda(recorder, "memory.layer.cuda", f"{model}/{attention}/{EXPERTS_IMPLEMENTATION}",
                 f"T={LONG_CONTEXT}", measured, report, estimate, snapshot)
 
 
@@ -295,7 +291,7 @@ def test_cuda_real_size_layer_within_ceiling(attention, tmp_path, result_store, 
 @needs_cuda
 @pytest.mark.parametrize("chunk,tokens", [(LOGPROB_CHUNK, LONG_CONTEXT), (None, CUDA_NAIVE_TOKENS)],
                          ids=["chunked", "naive_exceeds"])
-def test_cuda_logprob_pass(chunk, tokens, tmp_path, result_store, verdict_counts):
+def test_cuda_logprob_pass(chunk, tokens, tmp_path, recorder):
     model = "gpt-oss-20b"
     d = Dims.of(model_config(model))
     device = torch.device("cuda")
@@ -308,5 +304,5 @@ def test_cuda_logprob_pass(chunk, tokens, tmp_path, result_store, verdict_counts
     measured, report = _cuda_measure(lambda meter: logprob_step(meter, hidden, weight, targets, chunk), baseline,
                                      estimate, snapshot)
     subject = f"{model}/{'chunked_logprobs' if chunk else 'full_vocab_fp32'}"
-    _judge_cuda(result_store, verdict_counts, "memory.logprob_pass.cuda", subject, f"T={tokens}", measured, report,
+    _judge_cuda(recorder, "memory.logprob_pass.cuda", subject, f"T={tokens}", measured, report,
                 estimate, snapshot, exceed=chunk is None)

@@ -113,59 +113,53 @@ def rollout(tiny_checkpoint, sequences):
     engines.close()
 
 
-def rollout_engine(rollout, name: str, dtype: str, subject: str, store, counts, check: str):
+def rollout_engine(rollout, name: str, dtype: str, subject: str, recorder, check: str):
     """The engine's (engine, routes, log-probs); a skip record when it is not installed, an error record when it
     fails to start or dies."""
     if name == "vllm" and (reason := vllm_unavailable_reason()):
-        report(store, counts, Record(f"routing.{check}", subject, f"{name}_{dtype}", dtype, SKIP,
+        report(recorder, Record(f"routing.{check}", subject, f"{name}_{dtype}", dtype, SKIP,
                                      reason=f"needs vLLM: {reason}"))
     try:
         return rollout.get(name, dtype)
     except (RlparityError, EngineProcessError) as exc:
         error = f"{type(exc).__name__}: {exc}"
-    report(store, counts, Record(f"routing.{check}", subject, f"{name}_{dtype}", dtype, ERROR, reason=error))
+    report(recorder, Record(f"routing.{check}", subject, f"{name}_{dtype}", dtype, ERROR, reason=error))
 
 
-def report(store, counts, record: Record) -> None:
-    store.append(record)
-    counts[(record.subject, record.verdict)] += 1
-    if record.verdict == SKIP:
-        pytest.skip(record.reason)
-    if record.verdict in (FAIL, ERROR):
-        table = "\n".join(agreement_table(record.extra["comparison"])) if "comparison" in record.extra else ""
-        pytest.fail(f"{record.property} {record.subject}: {record.reason}\n{table}", pytrace=False)
+def report(recorder, record: Record) -> None:
+    table = "\n".join(agreement_table(record.extra["comparison"])) if "comparison" in record.extra else ""
+    recorder.check(record, details=f"{record.property} {record.subject}\n{table}")
 
 
 @pytest.mark.parametrize("dtype", TRAINER_DTYPES)
-def test_repeated_passes(trainers, sequences, dtype, result_store, verdict_counts):
+def test_repeated_passes(trainers, sequences, dtype, recorder):
     trainer = trainers(dtype)
-    report(result_store, verdict_counts, check_determinism(trainer.model, trainer.name, sequences, trainer.pad_id))
+    report(recorder, check_determinism(trainer.model, trainer.name, sequences, trainer.pad_id))
 
 
 @pytest.mark.parametrize("dtype", TRAINER_DTYPES)
-def test_batch_invariance(trainers, sequences, dtype, result_store, verdict_counts):
+def test_batch_invariance(trainers, sequences, dtype, recorder):
     trainer = trainers(dtype)
     record = check_batch_invariance(trainer.model, trainer.name, sequences[PROBE],
                                     [sequences[LONGER], sequences[SHORTER]], trainer.pad_id)
-    report(result_store, verdict_counts, record)
+    report(recorder, record)
 
 
 @pytest.mark.parametrize("dtype", TRAINER_DTYPES)
-def test_dual_forward(trainers, sequences, dtype, result_store, verdict_counts):
+def test_dual_forward(trainers, sequences, dtype, recorder):
     trainer = trainers(dtype)
-    report(result_store, verdict_counts, check_dual_forward(trainer.model, trainer.name, sequences, trainer.pad_id))
+    report(recorder, check_dual_forward(trainer.model, trainer.name, sequences, trainer.pad_id))
 
 
 @pytest.mark.parametrize("dtype", TRAINER_DTYPES)
 @pytest.mark.parametrize("engine_name, engine_dtype", [("reference", "fp64"),
                                                        pytest.param("vllm", "same", marks=VLLM_MARKS)],
                          ids=["reference", "vllm"])
-def test_trainer_vs_engine(trainers, rollout, sequences, dtype, engine_name, engine_dtype, result_store,
-                           verdict_counts):
+def test_trainer_vs_engine(trainers, rollout, sequences, dtype, engine_name, engine_dtype, recorder):
     trainer = trainers(dtype)
     engine_dtype = dtype if engine_dtype == "same" else engine_dtype
     subject = f"{trainer.name} vs {engine_name}[{TRAINER_DTYPES.get(engine_dtype, 'float64')}]"
-    engine, routes, _ = rollout_engine(rollout, engine_name, engine_dtype, subject, result_store, verdict_counts,
+    engine, routes, _ = rollout_engine(rollout, engine_name, engine_dtype, subject, recorder,
                                        "trainer_vs_engine")
     trained = run_pass(trainer.model, sequences, trainer.pad_id, train=False, grad=False)
     record = check_agreement(routes, trained.routing, (engine.name, trainer.name),
@@ -173,22 +167,22 @@ def test_trainer_vs_engine(trainers, rollout, sequences, dtype, engine_name, eng
                              shapes={"lengths": list(SEQUENCE_LENGTHS), "trainer": "one padded batch",
                                      "engine": "each sequence alone"})
     record.engines = process_versions(engine)
-    report(result_store, verdict_counts, record)
+    report(recorder, record)
 
 
-def test_router_precision(trainers, sequences, result_store, verdict_counts):
+def test_router_precision(trainers, sequences, recorder):
     trainer = trainers("fp32")
-    report(result_store, verdict_counts, check_router_precision(trainer.model, trainer.name, sequences, trainer.pad_id))
+    report(recorder, check_router_precision(trainer.model, trainer.name, sequences, trainer.pad_id))
 
 
 @pytest.mark.parametrize("engine_name, engine_dtype", [("reference", "fp64"),
                                                        pytest.param("vllm", REPLAY_TRAINER_DTYPE, marks=VLLM_MARKS)],
                          ids=["reference", "vllm"])
-def test_replay(trainers, rollout, sequences, engine_name, engine_dtype, result_store, verdict_counts):
+def test_replay(trainers, rollout, sequences, engine_name, engine_dtype, recorder):
     trainer = trainers(REPLAY_TRAINER_DTYPE)
-    engine, routes, logprobs = rollout_engine(rollout, engine_name, engine_dtype, trainer.name, result_store,
-                                              verdict_counts, "replay")
+    engine, routes, logprobs = rollout_engine(rollout, engine_name, engine_dtype, trainer.name, recorder,
+                                              "replay")
     record = check_replay(trainer.model, trainer.name, sequences, trainer.pad_id, engine.name, routes, logprobs)
     record.engines = process_versions(engine)
-    report(result_store, verdict_counts, record)
+    report(recorder, record)
 

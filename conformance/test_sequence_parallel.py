@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from rlparity.parallel.check import QUANTITIES, SCHEMES, SP_CASES, MeasureGroup, to_records
-from rlparity.results import ERROR, FAIL, SKIP
 
 pytestmark = pytest.mark.multi_process
 
@@ -45,13 +44,13 @@ class _Workers:
         self.group = MeasureGroup(world, backend=self.backend)
         self.cache = {}
 
-    def measure(self, key, store, counts):
+    def measure(self, key, recorder):
         if key not in self.cache:
             measurements = self.group.measure(*key)
-            for record in to_records(*key, self.world, measurements):
+            records = to_records(*key, self.world, measurements)
+            for record in records:
                 record.extra["process_group"] = self.backend
-                store.append(record)
-                counts[(record.subject, record.verdict)] += 1
+            recorder.record(*records)
             self.cache[key] = {m.quantity: m for m in measurements}
         return self.cache[key]
 
@@ -66,9 +65,6 @@ def workers(request):
     workers.close()
 
 
-def test_sequence_parallel(workers, result_store, verdict_counts, scheme, inner, case_name, dtype_name, quantity):
-    measurement = workers.measure((scheme, inner, case_name, dtype_name), result_store, verdict_counts)[quantity]
-    if measurement.verdict == SKIP:
-        pytest.skip(measurement.reason)
-    if measurement.verdict in (FAIL, ERROR):
-        pytest.fail(f"{measurement.verdict} on {workers.world} ranks: {measurement.reason}", pytrace=False)
+def test_sequence_parallel(workers, recorder, scheme, inner, case_name, dtype_name, quantity):
+    measurement = workers.measure((scheme, inner, case_name, dtype_name), recorder)[quantity]
+    recorder.judge(measurement, details=f"on {workers.world} ranks")

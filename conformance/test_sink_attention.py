@@ -9,13 +9,12 @@ import itertools
 
 import pytest
 import torch
-from conftest import selected_attention_backends
 
 from rlparity.attention import flex
 from rlparity.attention.cases import CASES, CASES_BY_NAME, DTYPE_NAMES, LARGE_CASES
 from rlparity.attention.matrix import QUANTITIES, SENSITIVITY_CASE, measure, sink_sensitivity, to_records
 from rlparity.attention.registry import Backend
-from rlparity.results import ERROR, FAIL, SKIP
+from rlparity.pytest_plugin import selected_attention_backends
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # FlexAttention as training code runs it, compiled. Every case compiles its own kernels (tens of seconds
@@ -57,30 +56,21 @@ def pytest_generate_tests(metafunc):
 class _Matrix:
     """Measures each (backend, case, dtype) once, for all its quantities, and records them."""
 
-    def __init__(self, store, counts, device):
-        self.store, self.counts, self.device = store, counts, device
+    def __init__(self, recorder, device):
+        self.recorder, self.device = recorder, device
         self.cache = {}
 
     def get(self, key, compute, backend, case, dtype, prefix):
         if key not in self.cache:
             measurements = compute(backend, case, dtype, self.device)
-            for record in to_records(backend, case, dtype, measurements, prefix):
-                self.store.append(record)
-                self.counts[(backend.name, record.verdict)] += 1
+            self.recorder.record(*to_records(backend, case, dtype, measurements, prefix))
             self.cache[key] = {m.quantity: m for m in measurements}
         return self.cache[key]
 
 
 @pytest.fixture(scope="module")
-def matrix(result_store, verdict_counts, device):
-    return _Matrix(result_store, verdict_counts, device)
-
-
-def _judge(measurement):
-    if measurement.verdict == SKIP:
-        pytest.skip(measurement.reason)
-    if measurement.verdict in (FAIL, ERROR):
-        pytest.fail(f"{measurement.verdict}: {measurement.reason}", pytrace=False)
+def matrix(recorder, device):
+    return _Matrix(recorder, device)
 
 
 def test_sink_attention(matrix, backend, dtype, case, quantity):
@@ -89,13 +79,13 @@ def test_sink_attention(matrix, backend, dtype, case, quantity):
                     "tensors): run `nox -s gpu_conformance` on a GPU machine")
     measurements = matrix.get(("matrix", backend.name, case.name, dtype), measure, backend, case, dtype,
                               "sink_attention")
-    _judge(measurements[quantity])
+    matrix.recorder.judge(measurements[quantity])
 
 
 def test_compiled_flex(matrix, case, quantity):
     measurements = matrix.get(("matrix", COMPILED_FLEX.name, case.name, COMPILED_FLEX_DTYPE), measure, COMPILED_FLEX,
                               case, COMPILED_FLEX_DTYPE, "sink_attention")
-    _judge(measurements[quantity])
+    matrix.recorder.judge(measurements[quantity])
 
 
 @pytest.mark.parametrize("check", ["sinks_change_out", "dsink_nonzero"])
@@ -103,4 +93,4 @@ def test_sink_sensitivity(matrix, backend, dtype, check):
     case = CASES_BY_NAME[SENSITIVITY_CASE]
     measurements = matrix.get(("sensitivity", backend.name, dtype), sink_sensitivity, backend, case, dtype,
                               "sink_sensitivity")
-    _judge(measurements[check])
+    matrix.recorder.judge(measurements[check])

