@@ -17,7 +17,8 @@ def resolve(target: str, what: str):
     """The object at `target` ("module:attr"); `what` names the door in the error, e.g. "attention backend"."""
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
-        raise RlparityError(f"{what} {target!r}: expected 'module:attr' (e.g. 'mypkg.kernels:attend' or 'mypkg.engine:MyEngine')")
+        raise RlparityError(f"{what} {target!r}: expected 'module:attr' "
+                            "(e.g. 'mypkg.kernels:attend' or 'mypkg.engine:MyEngine')")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:

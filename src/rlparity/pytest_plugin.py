@@ -49,7 +49,8 @@ def pytest_addoption(parser):
                     help="sequence-parallel attention to check (repeatable; default: rlparity's ulysses and ring)")
     group.addoption("--device", default=None, help="torch device for the checks (default: cuda if visible, else cpu)")
     group.addoption("--require-cuda", action="store_true", help="fail at once if no CUDA device is visible")
-    group.addoption("--results", default=None, help="JSON-lines results file (default: results/conformance-<time>.jsonl)")
+    group.addoption("--results", default=None,
+                    help="JSON-lines results file (default: results/conformance-<time>.jsonl)")
 
 
 @dataclass
