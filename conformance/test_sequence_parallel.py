@@ -8,19 +8,22 @@ against the single-process float64 reference by the tolerance rule of rlparity.m
 baseline being the reference run in the candidate's dtype (rlparity.parallel.check).
 
 Worker processes start once per world size: gloo on CPU, nccl where there is a GPU per rank.
-The inner kernels are `reference` and `chunked`, or those named with --attention-backend.
+The implementations are rlparity's ulysses and ring, or those named with --sequence-parallel (a
+name or module:function, the interface of rlparity.parallel.interface). Those that take an inner
+kernel run with `reference` and `chunked`, or the ones named with --attention-backend.
 """
 
 import pytest
 import torch
 
-from rlparity.parallel.check import QUANTITIES, SCHEMES, SP_CASES, MeasureGroup, to_records
+from rlparity.parallel.check import QUANTITIES, SCHEMES, SP_CASES, SP_DTYPES, MeasureGroup, to_records
+from rlparity.parallel.interface import with_inner_kernels
+from rlparity.pytest_plugin import components
 
 pytestmark = pytest.mark.multi_process
 
 WORLDS = (1, 2, 4)
 DEFAULT_INNER = ("reference", "chunked")
-DTYPES = ("fp32", "bf16")
 
 
 def pytest_generate_tests(metafunc):
@@ -28,11 +31,13 @@ def pytest_generate_tests(metafunc):
         return
     metafunc.parametrize("workers", WORLDS, indirect=True, scope="module", ids=lambda world: f"world{world}")
     inners = metafunc.config.getoption("--attention-backend") or DEFAULT_INNER
-    params = [pytest.param(scheme, inner, case.name, dtype, quantity,
-                           id=f"{scheme}-{inner}-{case.name}-{dtype}-{quantity}")
-              for scheme in SCHEMES for inner in inners for case in SP_CASES for dtype in DTYPES
+    implementations = [implementation for target in components(metafunc.config).sequence_parallel or SCHEMES
+                       for implementation in with_inner_kernels(target, inners)]
+    params = [pytest.param(implementation, case.name, dtype, quantity,
+                           id=f"{implementation.name}-{case.name}-{dtype}-{quantity}")
+              for implementation in implementations for case in SP_CASES for dtype in SP_DTYPES
               for quantity in QUANTITIES]
-    metafunc.parametrize(("scheme", "inner", "case_name", "dtype_name", "quantity"), params)
+    metafunc.parametrize(("implementation", "case_name", "dtype_name", "quantity"), params)
 
 
 class _Workers:
@@ -65,6 +70,6 @@ def workers(request):
     workers.close()
 
 
-def test_sequence_parallel(workers, recorder, scheme, inner, case_name, dtype_name, quantity):
-    measurement = workers.measure((scheme, inner, case_name, dtype_name), recorder)[quantity]
+def test_sequence_parallel(workers, recorder, implementation, case_name, dtype_name, quantity):
+    measurement = workers.measure((implementation, case_name, dtype_name), recorder)[quantity]
     recorder.judge(measurement, details=f"on {workers.world} ranks")

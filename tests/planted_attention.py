@@ -1,4 +1,5 @@
-"""Sink-attention backends with planted bugs. The conformance matrix must fail each of them.
+"""Sink-attention backends with planted bugs, which the conformance matrix must fail, and backends that
+declare what they do not compute (forward-only, lse-less, nothing at all), which it must skip with the reason.
 
 Run one against the suite:  pytest conformance --attention-backend tests.planted_attention:ignores_sinks
 """
@@ -62,3 +63,83 @@ def raises(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=N
 
 def wrong_signature(q, k, v):
     return q, q
+
+
+# ------------------------------------------------------------------------ kernels that declare what they lack
+
+
+def _exact(q, k, v, sinks, *, causal, window, scale, cu_seqlens):
+    """The float64 reference, returned in the contract's dtypes: out like q, lse float32 (float64 for float64)."""
+    out, lse = sink_attention(q.double(), k.double(), v.double(), sinks.double(), causal=causal, window=window,
+                              scale=scale, cu_seqlens=cu_seqlens)
+    return out.to(q.dtype), lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+def _lse_without_sink(q, k, v, sinks, *, causal, window, scale, cu_seqlens):
+    """Right out, but an lse that leaves the sink out of the normaliser: log sum_j exp(s_ij)."""
+    out, lse = _exact(q, k, v, sinks, causal=causal, window=window, scale=scale, cu_seqlens=cu_seqlens)
+    scores = masked_scores(q.double(), k.double(), causal=causal, window=window, scale=scale, cu_seqlens=cu_seqlens)
+    return out, torch.logsumexp(scores, dim=-1).to(lse.dtype)
+
+
+class _ForwardOnly(torch.autograd.Function):
+    """An inference kernel as engines ship them: a forward and no backward."""
+
+    @staticmethod
+    def forward(ctx, math, q, k, v, sinks, options):
+        return math(q, k, v, sinks, **options)
+
+
+def forward_only(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None):
+    """Correct forward; taking gradients raises autograd's NotImplementedError."""
+    options = {"causal": causal, "window": window, "scale": scale, "cu_seqlens": cu_seqlens}
+    return _ForwardOnly.apply(_exact, q, k, v, sinks, options)
+
+
+def forward_only_sinkless_lse(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None):
+    """Forward-only, right out, and an lse without the sink: the bug a forward-only check must still catch."""
+    options = {"causal": causal, "window": window, "scale": scale, "cu_seqlens": cu_seqlens}
+    return _ForwardOnly.apply(_lse_without_sink, q, k, v, sinks, options)
+
+
+def no_grad_forward(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None):
+    """Correct forward computed under torch.no_grad: out does not require grad (forward-only by detaching)."""
+    with torch.no_grad():
+        return _exact(q, k, v, sinks, causal=causal, window=window, scale=scale, cu_seqlens=cu_seqlens)
+
+
+def lse_less(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None):
+    """Correct out with gradients, and no lse: returns (out, None)."""
+    out, _ = _exact(q, k, v, sinks, causal=causal, window=window, scale=scale, cu_seqlens=cu_seqlens)
+    return out, None
+
+
+def detached_sinks(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None):
+    """Right values, but the sinks enter detached: out requires grad and the sink gradient is silently zero."""
+    return _exact(q, k, v, sinks.detach(), causal=causal, window=window, scale=scale, cu_seqlens=cu_seqlens)
+
+
+def supports_nothing(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None):
+    raise NotImplementedError("planted: this kernel supports no case")
+
+
+def lse_less_ignores_sinks(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None):
+    """No lse, and plain attention: without an lse to check, out and the gradients must still fail."""
+    out, _ = ignores_sinks(q, k, v, sinks, causal=causal, window=window, scale=scale, cu_seqlens=cu_seqlens)
+    return out, None
+
+
+class _BackwardRaises(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, options):
+        return _exact(q, k, v, sinks, **options)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        raise RuntimeError("planted failure inside the backward")
+
+
+def backward_raises(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None):
+    """Correct forward; a backward that crashes (not a declared gap): an error of the backward cells only."""
+    options = {"causal": causal, "window": window, "scale": scale, "cu_seqlens": cu_seqlens}
+    return _BackwardRaises.apply(q, k, v, sinks, options)

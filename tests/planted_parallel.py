@@ -1,49 +1,47 @@
 """Sequence-parallel attention with planted bugs, as public frameworks have shipped them.
 
-Each takes the arguments of rlparity.parallel.ulysses.attend / ring.attend, so the conformance check
-(rlparity.parallel.check.measure_sp) runs them like the real schemes; it must fail each of them.
+Each is written as a user would write one: the interface of rlparity.parallel.interface (this rank's
+shard, the whole sinks, the process group), given to the check as "tests.planted_parallel:NAME".
+`rlparity check sequence-parallel` (rlparity.parallel.check.measure_sp on every rank) must fail each.
 """
 
-import torch
+import os
 
-from rlparity.attention.registry import get_backend
+import torch
+import torch.distributed as dist
+
+from rlparity.attention import get_backend
+from rlparity.parallel import check_shards
 from rlparity.parallel.blocks import plan_block, ring_steps
-from rlparity.parallel.comm import Shift
+from rlparity.parallel.comm import HeadToSeq, SeqToHead, Shift
 from rlparity.parallel.ring import attend_block, merge
-from rlparity.parallel.shard import check_shards
-from rlparity.parallel.ulysses import head_sharded_attention, kv_replication
+from rlparity.parallel.ulysses import kv_replication
 from rlparity.reference.attention import default_scale
 
-
-def _first_heads(kernel):
-    """A kernel that indexes its sinks by local head, never checking that it got one per local head."""
-
-    def attend(q, k, v, sinks, **kwargs):
-        return kernel(q, k, v, sinks[: q.shape[1]], **kwargs)
-
-    return attend
+KERNEL = "chunked"  # the per-rank kernel of these implementations
 
 
-def ulysses_all_sinks(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None, inner="chunked",
-                      group=None):
-    """Ulysses that hands every rank all the sinks instead of its slice: each rank's kernel reads
-    the sinks of heads 0.. H/P - 1, right on rank 0 only, and dSink lands on the wrong heads."""
+def ulysses_all_sinks(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None, group=None):
+    """Ulysses that hands every rank's kernel all the sinks instead of its slice of heads; the kernel
+    indexes them by local head, so each rank uses the sinks of heads 0 .. H/P - 1: right on rank 0
+    only, and dSink lands on the wrong heads."""
     layout = check_shards("Ulysses", q, k, v, sinks, window=window, cu_seqlens=cu_seqlens, group=group,
                           split_heads=True)
-    backend = get_backend(inner) if isinstance(inner, str) else inner
     copies = kv_replication(k.shape[1], layout.world)
     k, v = k.repeat_interleave(copies, dim=1), v.repeat_interleave(copies, dim=1)
-    return head_sharded_attention(q, k, v, sinks, causal=causal, window=window, scale=scale, cu_seqlens=cu_seqlens,
-                                  kernel=_first_heads(backend.attend), group=group, where="planted Ulysses")
+    q_h, k_h, v_h = (SeqToHead.apply(x, group) for x in (q, k, v))  # [B, H/P, S, D]
+    local_sinks = sinks[: q_h.shape[1]]  # the bug: the first H/P of all the sinks, whatever this rank's heads
+    out_h, lse_h = get_backend(KERNEL).attend(q_h, k_h, v_h, local_sinks, causal=causal, window=window, scale=scale,
+                                              cu_seqlens=cu_seqlens)
+    return HeadToSeq.apply(out_h, group), HeadToSeq.apply(lse_h.unsqueeze(-1), group).squeeze(-1)
 
 
-def ring_sink_per_block(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None, inner="chunked",
-                        group=None):
+def ring_sink_per_block(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None, group=None):
     """Ring attention that passes the real sinks to the kernel for every block and merges the partial
     results by lse: the sink enters the normaliser once per block a query sees. Differentiable
     through autograd (the keys travel with Shift, whose backward sends gradients back)."""
     layout = check_shards("ring", q, k, v, sinks, window=window, cu_seqlens=cu_seqlens, group=group)
-    kernel = (get_backend(inner) if isinstance(inner, str) else inner).attend
+    kernel = get_backend(KERNEL).attend
     scale = default_scale(q.shape[-1]) if scale is None else scale
     kv = torch.stack([k, v])
     out = lse = None
@@ -73,3 +71,24 @@ def _to_shard_rows(out_b, lse_b, rows, seq):
     out = torch.nn.functional.pad(out_b, (0, 0, before, after))
     lse = torch.nn.functional.pad(lse_b, (before, after), value=float("-inf"))
     return out, lse
+
+
+def not_implemented(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None, group=None):
+    """An implementation that supports nothing yet: every cell is skipped, so nothing is checked."""
+    raise NotImplementedError("sequence parallelism is not implemented yet")
+
+
+def rank1_dies(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None, group=None):
+    """Rank 1 crashes outside Python (as a segfaulting kernel would) while rank 0 waits for it."""
+    if dist.get_rank(group) == 1:
+        os._exit(7)
+    dist.barrier(group=group)
+    raise AssertionError("unreachable: rank 1 never reaches the barrier")
+
+
+def rank1_raises(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None, group=None):
+    """Rank 1 raises before the all-to-all that rank 0 has already entered."""
+    if dist.get_rank(group) == 1:
+        raise RuntimeError("injected failure on rank 1")
+    return ulysses_all_sinks(q, k, v, sinks, causal=causal, window=window, scale=scale, cu_seqlens=cu_seqlens,
+                             group=group)

@@ -9,7 +9,16 @@ import torch
 
 from rlparity.attention import get_backend
 from rlparity.attention.cases import CASES, CASES_BY_NAME
-from rlparity.attention.matrix import QUANTITIES, measure, sink_sensitivity
+from rlparity.attention.contract import check_outputs
+from rlparity.attention.matrix import (
+    BACKWARD_QUANTITIES,
+    FORWARD_QUANTITIES,
+    LSE_QUANTITIES,
+    QUANTITIES,
+    measure,
+    sink_sensitivity,
+)
+from rlparity.errors import RlparityError
 from rlparity.results import ERROR, FAIL, PASS, SKIP
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +90,94 @@ def test_unsupported_feature_is_a_skip_with_the_backends_reason(monkeypatch):
     assert {results[("tiny", q)].verdict for q in QUANTITIES} == {PASS}
 
 
+def sensitivity(backend_name, dtype=torch.float32):
+    results = sink_sensitivity(get_backend(backend_name), CASES_BY_NAME["gqa8"], dtype, CPU)
+    return {m.quantity: m for m in results}
+
+
+@pytest.mark.parametrize("planted, reason", [
+    ("forward_only", "forward-only: its backward raised NotImplementedError: You must implement either the backward"),
+    ("no_grad_forward", "forward-only: its out does not require grad"),
+])
+def test_forward_only_kernel_has_its_forward_judged_and_its_backward_skipped(planted, reason):
+    results = verdicts(PLANTED + planted, ["tiny", "varlen", "window_edge_plus1"])
+    for (case, quantity), m in results.items():
+        if quantity in FORWARD_QUANTITIES:
+            assert m.verdict == PASS, (case, quantity, m.reason)
+        else:
+            assert m.verdict == SKIP and m.reason.startswith(f"{PLANTED}{planted}: {reason}"), (case, quantity)
+    checks = sensitivity(PLANTED + planted)
+    assert checks["sinks_change_out"].verdict == PASS
+    assert checks["dsink_nonzero"].verdict == SKIP and reason in checks["dsink_nonzero"].reason
+
+
+def test_forward_only_kernel_whose_lse_leaves_the_sink_out_fails_lse():
+    results = verdicts(PLANTED + "forward_only_sinkless_lse", ["tiny", "varlen"])
+    for case in ("tiny", "varlen"):
+        assert results[(case, "out")].verdict == PASS
+        assert results[(case, "lse")].verdict == FAIL
+        assert "error" in results[(case, "lse")].reason and "> tolerance" in results[(case, "lse")].reason
+        assert {results[(case, q)].verdict for q in BACKWARD_QUANTITIES} == {SKIP}
+
+
+def test_lse_less_kernel_skips_lse_and_dsink_via_dlse_and_judges_the_rest():
+    results = verdicts(PLANTED + "lse_less", ["tiny", "varlen"])
+    for (case, quantity), m in results.items():
+        if quantity in LSE_QUANTITIES:
+            assert m.verdict == SKIP
+            assert m.reason.startswith(f"{PLANTED}lse_less: lse-less: it returns (out, None)")
+        else:
+            assert m.verdict == PASS, (case, quantity, m.reason)
+    assert sensitivity(PLANTED + "lse_less")["dsink_nonzero"].verdict == PASS
+
+
+def test_lse_less_kernel_that_ignores_the_sinks_still_fails_out_and_its_gradients():
+    results = verdicts(PLANTED + "lse_less_ignores_sinks", ["tiny"])
+    assert {results[("tiny", q)].verdict for q in LSE_QUANTITIES} == {SKIP}
+    assert {results[("tiny", q)].verdict for q in ("out", "dq", "dk", "dv", "dsink_via_do")} == {FAIL}
+
+
+def test_a_cut_sink_gradient_fails_the_dsink_cells_and_says_so():
+    results = verdicts(PLANTED + "detached_sinks", ["tiny"])
+    for quantity in QUANTITIES:
+        m = results[("tiny", quantity)]
+        if quantity.startswith("dsink"):
+            assert m.verdict == FAIL and "the backend returned no gradient for it (the graph is cut)" in m.reason
+        else:
+            assert m.verdict == PASS, (quantity, m.reason)
+    assert sensitivity(PLANTED + "detached_sinks")["dsink_nonzero"].verdict == FAIL
+
+
+def test_a_backward_that_crashes_is_an_error_of_the_backward_cells_only():
+    results = verdicts(PLANTED + "backward_raises", ["tiny"])
+    assert {results[("tiny", q)].verdict for q in FORWARD_QUANTITIES} == {PASS}
+    for quantity in BACKWARD_QUANTITIES:
+        m = results[("tiny", quantity)]
+        assert m.verdict == ERROR
+        assert "raised RuntimeError: planted failure inside the backward" in m.reason
+        assert f"{PLANTED}backward_raises [tiny, fp32]: backward through" in m.reason
+
+
+def test_kernel_that_supports_nothing_has_every_cell_skipped_with_its_reason():
+    measurements = [*verdicts(PLANTED + "supports_nothing", ["tiny"]).values(),
+                    *sensitivity(PLANTED + "supports_nothing").values()]
+    assert {m.verdict for m in measurements} == {SKIP}
+    reasons = {m.reason for m in measurements}
+    assert reasons == {f"{PLANTED}supports_nothing: not supported: planted: this kernel supports no case"}
+
+
+def test_the_contract_takes_none_for_lse_only_where_the_caller_can_do_without():
+    q = torch.randn(1, 2, 3, 4)
+    out = torch.randn(1, 2, 3, 4)
+    assert check_outputs((out, None), q, where="k", lse_optional=True) == (out, None)
+    with pytest.raises(RlparityError, match=r"^k: returned \(out, None\), a kernel without lse, but this use needs"):
+        check_outputs((out, None), q, where="k")
+    poisoned = out.clone()
+    poisoned[0, 1, 2, 3] = float("nan")
+    with pytest.raises(RlparityError, match="out holds 1 non-finite"):
+        check_outputs((poisoned, None), q, where="k", lse_optional=True)
+
+
 @pytest.mark.slow
 def test_conformance_suite_fails_a_planted_backend_end_to_end(tmp_path):
     results = tmp_path / "records.jsonl"
@@ -91,3 +188,19 @@ def test_conformance_suite_fails_a_planted_backend_end_to_end(tmp_path):
     assert "failed" in run.stdout
     assert f"written to {results}" in run.stdout
     assert results.read_text().count('"verdict": "fail"') >= len(QUANTITIES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("planted, status, summary", [
+    ("forward_only", 0, "6 passed, 15 skipped"),  # out and lse in 3 dtypes; the 5 backward quantities skipped
+    ("supports_nothing", 3, "21 skipped"),
+])
+def test_conformance_suite_judges_a_forward_only_kernel_and_is_not_green_when_nothing_was_checked(
+        tmp_path, planted, status, summary):
+    command = [sys.executable, "-m", "pytest", "conformance/test_sink_attention.py", "-q", "-p", "no:cacheprovider",
+               "--attention-backend", PLANTED + planted, "-k", "tiny", "--results", str(tmp_path / "r.jsonl")]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == status, run.stdout[-2000:] + run.stderr[-2000:]
+    assert summary in run.stdout
+    if status == 3:
+        assert f"nothing was checked for {PLANTED}{planted}" in run.stdout

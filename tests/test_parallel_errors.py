@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from rlparity.errors import RlparityError
-from rlparity.parallel.check import SCHEMES
+from rlparity.parallel.interface import SPImplementation
 from rlparity.parallel.launch import FAILURE_GRACE_S, RankFailedError, WorkerGroup
 from rlparity.reference import sink_attention
 
@@ -34,7 +34,7 @@ def attend_on_rank(scheme, *, heads_q=4, heads_kv=2, seqs=(8, 8), sinks_shapes=(
     v = torch.randn(1, heads_kv, seqs[rank], HEAD_DIM, generator=gen)
     sinks = torch.randn(sinks_shapes[rank], generator=gen).to(sinks_dtype)
     cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32)
-    out, lse = SCHEMES[scheme](q, k, v, sinks, causal=True, cu_seqlens=cu, inner=inner)
+    out, lse = SPImplementation(scheme, inner).load()(q, k, v, sinks, causal=True, cu_seqlens=cu)
     return float(lse.sum())
 
 
@@ -49,7 +49,7 @@ def ring_forward_backward(inner):
     rank = dist.get_rank()
     q, k, v = (torch.randn(1, 2, 8, HEAD_DIM, requires_grad=True) for _ in range(3))
     sinks = torch.zeros(2, requires_grad=True)
-    out, lse = SCHEMES["ring"](q, k, v, sinks, inner=inner)
+    out, lse = SPImplementation("ring", inner).load()(q, k, v, sinks)
     out.sum().backward()
     return rank
 

@@ -154,7 +154,10 @@ def _resolve_components(config) -> Components:
         from rlparity.engines import register_user_engine
 
         components.engines = [register_user_engine(spec) for spec in specs]
-    components.sequence_parallel = list(config.getoption("--sequence-parallel"))
+    if targets := config.getoption("--sequence-parallel"):
+        from rlparity.parallel.interface import get_implementation
+
+        components.sequence_parallel = [get_implementation(target).target for target in targets]
     if folder := config.getoption("--checkpoint"):
         from rlparity.models import validate_checkpoint
 

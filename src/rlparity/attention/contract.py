@@ -1,4 +1,9 @@
-"""Checks at the boundary of the attention contract: what a backend receives and what it returns."""
+"""Checks at the boundary of the attention contract: what a backend receives and what it returns.
+
+A backend returns (out, lse). One that computes no lse (some inference kernels) says so by returning
+(out, None): the attention matrix then checks it without lse (lse and dsink_via_dlse are skipped as
+"lse-less"), while callers that need the lse (ring attention merges blocks by it) get an error.
+"""
 
 import torch
 
@@ -39,24 +44,37 @@ def check_inputs(q, k, v, sinks, *, window=None, cu_seqlens=None, where="attenti
                                 f"got {cu_seqlens.tolist()}")
 
 
-def check_outputs(result, q, *, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) if the backend returned what the contract says, else an error naming what is wrong."""
+def check_outputs(result, q, *, where: str, lse_optional: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, lse) if the backend returned what the contract says, else an error naming what is wrong.
+
+    lse_optional: the caller can do without the lse, so (out, None) is accepted and returned as is.
+    """
     if not isinstance(result, (tuple, list)) or len(result) != 2:
         raise RlparityError(f"{where}: expected (out, lse), got {type(result).__name__}")
     out, lse = result
-    if not isinstance(out, torch.Tensor) or not isinstance(lse, torch.Tensor):
-        raise RlparityError(f"{where}: expected tensors (out, lse), got ({type(out).__name__}, {type(lse).__name__})")
+    if lse is None and not lse_optional:
+        raise RlparityError(f"{where}: returned (out, None), a kernel without lse, but this use needs the lse")
+    if not isinstance(out, torch.Tensor) or not isinstance(lse, (torch.Tensor, type(None))):
+        raise RlparityError(f"{where}: expected tensors (out, lse) or (out, None), "
+                            f"got ({type(out).__name__}, {type(lse).__name__})")
     if tuple(out.shape) != tuple(q.shape):
         raise RlparityError(f"{where}: out has shape {tuple(out.shape)}, expected {tuple(q.shape)} like q")
-    if tuple(lse.shape) != tuple(q.shape[:3]):
-        raise RlparityError(f"{where}: lse has shape {tuple(lse.shape)}, expected {tuple(q.shape[:3])}")
     if out.dtype != q.dtype:
         raise RlparityError(f"{where}: out has dtype {out.dtype}, expected {q.dtype} like q")
+    if lse is None:
+        _check_finite(where, out=out)
+        return out, None
+    if tuple(lse.shape) != tuple(q.shape[:3]):
+        raise RlparityError(f"{where}: lse has shape {tuple(lse.shape)}, expected {tuple(q.shape[:3])}")
     expected_lse = torch.float64 if q.dtype == torch.float64 else torch.float32
     if lse.dtype != expected_lse:
         raise RlparityError(f"{where}: lse has dtype {lse.dtype}, expected {expected_lse}")
-    for label, tensor in (("out", out), ("lse", lse)):
+    _check_finite(where, out=out, lse=lse)
+    return out, lse
+
+
+def _check_finite(where: str, **tensors: torch.Tensor) -> None:
+    for label, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
             raise RlparityError(f"{where}: {label} holds {bad} non-finite values (NaN or inf)")
-    return out, lse

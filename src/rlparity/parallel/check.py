@@ -1,28 +1,29 @@
 """Sequence-parallel attention judged as any backend is: the same matrix, the same tolerance rule.
 
-`sp_backend(scheme, inner)` is, on every rank of a process group, an ordinary backend of the
-attention contract: it takes whole tensors, hands this rank its shard, runs the scheme, and gathers
-the output. Gradients come back whole: the shards' gradients gathered, and the replicated sinks'
-gradients summed over the ranks, which is how the full dSink is assembled. Then
-rlparity.attention.matrix.measure judges it against the float64 reference computed in one process,
-with the naive baseline in the candidate's dtype, exactly as it judges single-process backends.
+`sp_backend(implementation)` is, on every rank of a process group, an ordinary backend of the
+attention contract: it takes whole tensors, hands this rank its shard, calls the implementation
+(the interface of rlparity.parallel.interface), and gathers the output. Gradients come back whole:
+the shards' gradients gathered, and the replicated sinks' gradients summed over the ranks, which is
+how the full dSink is assembled. Then rlparity.attention.matrix.measure judges it against the
+float64 reference computed in one process, with the naive baseline in the candidate's dtype, exactly
+as it judges single-process backends.
 
-The conformance suite and rlparity's own tests (planted bugs) both call `measure_sp` on every rank.
+`rlparity check sequence-parallel`, the conformance suite and rlparity's own tests (planted bugs) all
+call `measure_sp` on every rank, through `MeasureGroup`.
 """
-
-import functools
 
 import torch.distributed as dist
 
 from rlparity.attention.cases import DTYPES_BY_NAME, Case
+from rlparity.attention.contract import check_outputs
 from rlparity.attention.matrix import QUANTITIES, Measurement, measure
 from rlparity.attention.registry import Backend, get_backend
-from rlparity.parallel import ring, ulysses
+from rlparity.errors import RlparityError
 from rlparity.parallel.comm import GatherShards, ShardOf, SumGradients, world_and_rank
-from rlparity.parallel.launch import RankFailedError, WorkerGroup, rank_device
+from rlparity.parallel.interface import IMPLEMENTATIONS, SPImplementation
+from rlparity.parallel.launch import COLLECTIVE_TIMEOUT_S, RankFailedError, WorkerGroup, rank_device
 from rlparity.results import ERROR, Record
 
-SCHEMES = {"ulysses": ulysses.attend, "ring": ring.attend}
 SEQ_DIM = 2
 
 # 96 tokens split into 1, 2 or 4 shards of 96, 48, 24. 8 query heads on 2 kv heads: on 4 ranks Ulysses
@@ -40,77 +41,119 @@ SP_CASES = (
     Case("sp_varlen_window", batch=1, seqlens=_SEQLENS, window=13, **_SHAPE),
 )
 SP_CASES_BY_NAME = {case.name: case for case in SP_CASES}
+SP_DTYPES = ("fp32", "bf16")
+SCHEMES = tuple(IMPLEMENTATIONS)  # rlparity's own implementations, by name
 
 
-def global_view(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None, scheme, inner, group=None):
-    """Whole tensors in, whole (out, lse) out, computed by `scheme` on this rank's shard."""
+def _as_implementation(implementation) -> SPImplementation:
+    return SPImplementation(implementation) if isinstance(implementation, str) else implementation
+
+
+def _agree_on_outputs(result, q_shard, where: str, group) -> None:
+    """Check this rank's (out, lse) shard and raise the same error on every rank, so none waits in the gather."""
+    try:
+        check_outputs(result, q_shard, where=where)
+        problem = None
+    except RlparityError as exc:
+        problem = str(exc)
+    world, _ = world_and_rank(group)
+    problems = [problem]
+    if world > 1:
+        problems = [None] * world
+        dist.all_gather_object(problems, problem, group=group)
+    first = next((p for p in problems if p), None)
+    if first:
+        raise RlparityError(first)
+
+
+class RankRaised(BaseException):
+    """An implementation raised on this rank. Its peers may be waiting for it in a collective, so this
+    ends the task (measure lets it through; the worker group reports it with its traceback and ends
+    the ranks left waiting) instead of becoming this rank's verdict while the others hang."""
+
+
+def global_view(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None, attend, name, group=None):
+    """Whole tensors in, whole (out, lse) out, computed by `attend` (the interface) on this rank's shard."""
+    world, rank = world_and_rank(group)
     q_shard, k_shard, v_shard = (ShardOf.apply(x, SEQ_DIM, group) for x in (q, k, v))
-    out, lse = scheme(q_shard, k_shard, v_shard, SumGradients.apply(sinks, group), causal=causal, window=window,
-                      scale=scale, cu_seqlens=cu_seqlens, inner=inner, group=group)
+    try:
+        result = attend(q_shard, k_shard, v_shard, SumGradients.apply(sinks, group), causal=causal, window=window,
+                        scale=scale, cu_seqlens=cu_seqlens, group=group)
+    except (NotImplementedError, RlparityError):
+        raise  # a declared gap, or rlparity's input checks: raised on every rank alike, a verdict of the case
+    except Exception as exc:
+        raise RankRaised(f"{name} raised {type(exc).__name__}: {exc}") from exc
+    _agree_on_outputs(result, q_shard, f"{name} on rank {rank} of {world}", group)
+    out, lse = result
     return GatherShards.apply(out, SEQ_DIM, group), GatherShards.apply(lse, SEQ_DIM, group)
 
 
-def scheme_name(scheme) -> str:
-    if isinstance(scheme, str):
-        return scheme
-    return f"{scheme.__module__}:{scheme.__qualname__}"
-
-
-def sp_backend(scheme, inner: str, group=None) -> Backend:
-    """A backend of the contract running `scheme` ("ulysses", "ring" or a function like them) over the group."""
-    scheme_fn = SCHEMES[scheme] if isinstance(scheme, str) else scheme
-    inner_backend = get_backend(inner)
-    fn = functools.partial(global_view, scheme=scheme_fn, inner=inner_backend, group=group)
+def sp_backend(implementation, group=None) -> Backend:
+    """A backend of the contract running the implementation (a name, "module:function" or SPImplementation)."""
+    implementation = _as_implementation(implementation)
+    attend = implementation.load()
     world, _ = world_and_rank(group)
-    return Backend(name=f"{scheme_name(scheme)}[{inner_backend.name}] x{world}",
-                   target="rlparity.parallel.check:global_view",
-                   summary=f"sequence-parallel over {world} ranks", probe=inner_backend.probe,
-                   backward_probe=inner_backend.backward_probe, dtypes=inner_backend.dtypes,
-                   gpu_only=inner_backend.gpu_only, _loaded=[fn])
+
+    def whole(q, k, v, sinks, **kwargs):
+        return global_view(q, k, v, sinks, attend=attend, name=implementation.name, group=group, **kwargs)
+
+    inner = {} if implementation.inner is None else get_backend(implementation.inner)
+    capabilities = {} if not inner else {"probe": inner.probe, "backward_probe": inner.backward_probe,
+                                         "dtypes": inner.dtypes, "gpu_only": inner.gpu_only}
+    return Backend(name=implementation.name, target="rlparity.parallel.check:global_view",
+                   summary=f"sequence-parallel over {world} ranks", _loaded=[whole], **capabilities)
 
 
-def measure_sp(scheme, inner: str, case_name: str, dtype_name: str) -> list[Measurement]:
-    """Run on every rank of the default group: every quantity of the matrix for the scheme on one case."""
-    backend = sp_backend(scheme, inner)
+def measure_sp(implementation, case_name: str, dtype_name: str) -> list[Measurement]:
+    """Run on every rank of the default group: every quantity of the matrix for the implementation on one case."""
+    try:
+        backend = sp_backend(implementation)
+    except RlparityError as exc:  # the same on every rank: it cannot be imported or called as the interface says
+        return [Measurement(quantity, ERROR, reason=str(exc)) for quantity in QUANTITIES]
     return measure(backend, SP_CASES_BY_NAME[case_name], DTYPES_BY_NAME[dtype_name], rank_device())
 
 
 class MeasureGroup:
     """The caller's side: `measure_sp` on a group of `world` ranks, started once and kept while healthy.
 
-    A case that errored (a rank raised inside the scheme, or crashed) may have left the ranks out of
-    step in their collectives; the group is then replaced before the next case, and the error is
-    reported as that case's verdict.
+    A case that errored (a rank raised inside the implementation, or crashed) may have left the ranks
+    out of step in their collectives; the group is then replaced before the next case, and the error
+    is reported as that case's verdict.
     """
 
-    def __init__(self, world: int, backend: str | None = None):
-        self.world, self.backend = world, backend
-        self.group = WorkerGroup(world, backend=backend)
+    def __init__(self, world: int, backend: str | None = None, collective_timeout_s: float = COLLECTIVE_TIMEOUT_S):
+        self.world, self.backend, self.collective_timeout_s = world, backend, collective_timeout_s
+        self.group = self._start()
 
-    def measure(self, scheme, inner: str, case_name: str, dtype_name: str) -> list[Measurement]:
+    def _start(self) -> WorkerGroup:
+        return WorkerGroup(self.world, backend=self.backend, collective_timeout_s=self.collective_timeout_s)
+
+    def measure(self, implementation, case_name: str, dtype_name: str) -> list[Measurement]:
+        implementation = _as_implementation(implementation)
         if not self.group.alive:
-            self.group = WorkerGroup(self.world, backend=self.backend)
+            self.group = self._start()
         try:
-            measurements = self.group.run(measure_sp, scheme, inner, case_name, dtype_name)[0]
+            measurements = self.group.run(measure_sp, implementation, case_name, dtype_name)[0]
         except RankFailedError as exc:
             reason = f"sequence parallel over {self.world} ranks: {exc}"
             return [Measurement(quantity, ERROR, reason=reason) for quantity in QUANTITIES]
         if any(m.verdict == ERROR for m in measurements):
-            self.group.close(reason=f"replaced after an error in {scheme_name(scheme)} on {case_name}")
+            self.group.close(reason=f"replaced after an error in {implementation.name} on {case_name}")
         return measurements
 
     def close(self):
         self.group.close()
 
 
-def to_records(scheme, inner: str, case_name: str, dtype_name: str, world: int,
+def to_records(implementation, case_name: str, dtype_name: str, world: int,
                measurements: list[Measurement]) -> list[Record]:
+    implementation = _as_implementation(implementation)
     case = SP_CASES_BY_NAME[case_name]
     return [
-        Record(property=f"sequence_parallel.{m.quantity}", subject=f"{scheme_name(scheme)}[{inner}]",
+        Record(property=f"sequence_parallel.{m.quantity}", subject=implementation.name,
                case=f"{case.name}-world{world}", dtype=dtype_name, verdict=m.verdict, error=m.error,
                tolerance=m.tolerance, reason=m.reason, shapes=case.shapes() | {"world_size": world},
-               extra={"world_size": world, "inner": inner}
+               extra={"world_size": world, "inner": implementation.inner}
                | ({} if m.naive_error is None else {"naive_error": m.naive_error}))
         for m in measurements
     ]
@@ -121,7 +164,7 @@ def smoke() -> str | None:
     world, rank = world_and_rank()
     rows = []
     for scheme in SCHEMES:
-        for m in measure_sp(scheme, "chunked", "sp_window_cross", "fp32"):
+        for m in measure_sp(SPImplementation(scheme, "chunked"), "sp_window_cross", "fp32"):
             rows.append(f"{scheme:<8} {m.quantity:<15} {m.verdict:<5} "
                         f"error {m.error or 0:.3g} tolerance {m.tolerance or 0:.3g}")
     dist.barrier()
@@ -129,5 +172,5 @@ def smoke() -> str | None:
     return None if rank else "\n".join([title, *rows])
 
 
-__all__ = ["QUANTITIES", "SCHEMES", "SP_CASES", "MeasureGroup", "global_view", "measure_sp", "smoke", "sp_backend",
-           "to_records"]
+__all__ = ["QUANTITIES", "SCHEMES", "SP_CASES", "SP_DTYPES", "MeasureGroup", "global_view", "measure_sp", "smoke",
+           "sp_backend", "to_records"]

@@ -161,7 +161,8 @@ def _block_backward(ring, q, kv, no_sink, call, dout, out, lse, dlse):
 
 
 def attend(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None, inner="chunked", group=None):
-    """The attention contract on this rank's sequence shard; `inner` is a registered backend or module:function."""
+    """The interface of rlparity.parallel.interface on this rank's shard; `inner`: a registered backend or
+    module:function."""
     layout = check_shards("ring", q, k, v, sinks, window=window, cu_seqlens=cu_seqlens, group=group)
     backend = get_backend(inner) if isinstance(inner, str) else inner
     scale = default_scale(q.shape[-1]) if scale is None else scale

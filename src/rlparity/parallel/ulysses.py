@@ -48,7 +48,8 @@ def head_sharded_attention(q, k, v, local_sinks, *, causal, window, scale, cu_se
 
 
 def attend(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None, inner="chunked", group=None):
-    """The attention contract on this rank's sequence shard; `inner` is a registered backend or module:function."""
+    """The interface of rlparity.parallel.interface on this rank's shard; `inner`: a registered backend or
+    module:function."""
     layout = check_shards("Ulysses", q, k, v, sinks, window=window, cu_seqlens=cu_seqlens, group=group,
                           split_heads=True)
     backend = get_backend(inner) if isinstance(inner, str) else inner
