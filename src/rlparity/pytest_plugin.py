@@ -13,16 +13,15 @@ The verdict only acts in a run of the conformance suite (its conftest.py calls `
 elsewhere (rlparity's own tests) the plugin is inert.
 """
 
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from rlparity.errors import RlparityError
-from rlparity.results import ERROR, FAIL, PASS, SKIP, Record, ResultStore, default_results_path
+from rlparity.results import Record, ResultStore, default_results_path
+from rlparity.tally import EXIT_FAIL, EXIT_USAGE, Tally
 
-EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_NOTHING_CHECKED = 0, 1, 2, 3
 MARKERS = (
     "gpu: needs a CUDA device; skipped with the reason elsewhere",
     "slow: takes more than a few seconds on 2 CPU cores",
@@ -68,15 +67,13 @@ class Components:
         return [backend.name for backend in self.attention] + self.engines + self.sequence_parallel
 
 
-class Verdicts:
-    """The records of one run: written to the results file as they come, counted by subject and verdict."""
+class Verdicts(Tally):
+    """The records of one run: written to the results file as they come, and tallied."""
 
     def __init__(self, path: Path | str, selected: list[str]):
+        super().__init__(selected)
         self._path = path
         self._store: ResultStore | None = None  # created on the first record: an inert run writes no file
-        self.counts: Counter = Counter()  # (subject, verdict) -> count
-        self.skip_reasons: Counter = Counter()
-        self.selected = selected  # the user's components, each of which must have a checked cell
         self.active = False  # set by the conformance suite's conftest: this run is judged
 
     @property
@@ -85,26 +82,10 @@ class Verdicts:
             self._store = ResultStore(self._path)
         return self._store
 
-    def add(self, record: Record) -> None:
-        self.store.append(record)
-        self.counts[(record.subject, record.verdict)] += 1
-        if record.verdict == SKIP:
-            self.skip_reasons[record.reason] += 1
-
-    def checked(self, component: str | None = None) -> int:
-        """Cells that passed or failed (errors count as checked and failed), of `component`'s subjects or all.
-
-        A component is credited with a subject whose name contains it: a user engine `mine` with the pair
-        `hf[float32] vs mine[float32]`, a backend `pkg.kernels:attend` with itself."""
-        return sum(n for (subject, verdict), n in self.counts.items()
-                   if verdict in (PASS, FAIL, ERROR) and (component is None or component in subject))
-
-    def unchecked_components(self) -> list[str]:
-        return [component for component in self.selected if not self.checked(component)]
-
-    @property
-    def failed(self) -> bool:
-        return any(verdict in (FAIL, ERROR) for _, verdict in self.counts)
+    def add(self, *records: Record) -> None:
+        for record in records:
+            self.store.append(record)
+        super().add(*records)
 
 
 def verdicts(config) -> Verdicts:
@@ -182,29 +163,16 @@ def pytest_sessionfinish(session, exitstatus):
         return  # not a conformance run: pytest's own status stands
     if state.failed or exitstatus == pytest.ExitCode.TESTS_FAILED:
         session.exitstatus = EXIT_FAIL
-    elif exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED) and (
-            not state.checked() or state.unchecked_components()):
-        session.exitstatus = EXIT_NOTHING_CHECKED
+    elif exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = state.exit_status()
 
 
 def pytest_terminal_summary(terminalreporter, config):
     state = config.stash.get(_VERDICTS_KEY, None)
     if state is None or not state.active:
         return
-    write = terminalreporter.write_line
     terminalreporter.section("rlparity verdicts")
+    for line in (state.subject_table() if state.counts else []) + state.summary():
+        terminalreporter.write_line(line)
     if state.counts:
-        write(f"{'subject':<56} {'pass':>6} {'fail':>6} {'error':>6} {'skip':>6}")
-        for subject in sorted({subject for subject, _ in state.counts}):
-            row = [state.counts[(subject, verdict)] for verdict in (PASS, FAIL, ERROR, SKIP)]
-            write(f"{subject:<56} " + " ".join(f"{n:>6}" for n in row))
-    if state.skip_reasons:
-        write("skipped, by reason:")
-        for reason, count in state.skip_reasons.most_common():
-            write(f"  {count:>5} x {reason}")
-    for component in state.unchecked_components():
-        write(f"nothing was checked for {component}")
-    if not state.checked():
-        write("nothing was checked: no cell passed or failed")
-    if state.counts:
-        write(f"rlparity: {state.store.count} result records written to {state.store.path}")
+        terminalreporter.write_line(f"rlparity: {state.store.count} result records written to {state.store.path}")

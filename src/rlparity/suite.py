@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 from rlparity.errors import RlparityError
+from rlparity.tally import EXIT_NOTHING_CHECKED, EXIT_USAGE
 
 SUITE_PACKAGE = "rlparity.conformance"
 PARTS = {
@@ -26,7 +27,6 @@ PARTS = {
 }
 # pytest's own codes for a usage error and an empty selection, and what rlparity calls them.
 PYTEST_USAGE_ERROR, PYTEST_NO_TESTS = 4, 5
-EXIT_USAGE, EXIT_NOTHING_CHECKED = 2, 3
 
 
 def suite_targets(only: str | None) -> list[str]:

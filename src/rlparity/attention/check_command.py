@@ -11,14 +11,12 @@ returns (out, None), has lse and dsink_via_dlse skipped (rlparity.attention.matr
 """
 
 import os
-from collections import Counter
 
 import torch
 
 from rlparity.errors import RlparityError
-from rlparity.results import ERROR, FAIL, PASS, SKIP
-
-EXIT_PASS, EXIT_FAIL, EXIT_NOTHING_CHECKED = 0, 1, 3
+from rlparity.results import PASS, SKIP
+from rlparity.tally import Tally
 
 
 def _lookup(table: dict, names: str, what: str) -> list:
@@ -43,7 +41,7 @@ def check_attention(args) -> int:
     store = ResultStore(args.results or default_results_path("check-attention"))
 
     print(f"{'case':<22} {'dtype':<5} {'quantity':<17} {'error':>10} {'tolerance':>10}  verdict")
-    verdicts, skipped = Counter(), Counter()
+    tally = Tally(selected=[backend.name])
     sensitivity_case = CASES_BY_NAME[SENSITIVITY_CASE]
     for dtype in dtypes:
         runs = [(case, "sink_attention", measure) for case in cases]
@@ -52,9 +50,8 @@ def check_attention(args) -> int:
             measurements = check(backend, case, dtype, device)
             for measurement, record in zip(measurements, to_records(backend, case, dtype, measurements, prefix)):
                 store.append(record)
-                verdicts[record.verdict] += 1
+                tally.add(record)
                 if record.verdict == SKIP:
-                    skipped[record.reason] += 1
                     continue
                 error = "" if record.error is None else f"{record.error:.3g}"
                 tol = "" if record.tolerance is None else f"{record.tolerance:.3g}"
@@ -63,16 +60,8 @@ def check_attention(args) -> int:
                 if record.verdict != PASS:
                     line += f"  {record.reason}"
                 print(line, flush=True)
-    if skipped:
-        print("skipped, by reason:")
-        for reason, count in skipped.most_common():
-            print(f"  {count:>5} x {reason}")
-    bad = verdicts[FAIL] + verdicts[ERROR]
-    print(f"\n{backend.name}: {verdicts[PASS]} passing, {bad} failing cells, {verdicts[SKIP]} skipped; "
+    passing, skipped = tally.counts[(backend.name, PASS)], tally.counts[(backend.name, SKIP)]
+    print(f"\n{backend.name}: {passing} passing, {tally.checked() - passing} failing cells, {skipped} skipped; "
           f"{store.count} records written to {store.path}")
-    if bad:
-        return EXIT_FAIL
-    if not verdicts[PASS]:
-        print(f"nothing was checked for {backend.name}")
-        return EXIT_NOTHING_CHECKED
-    return EXIT_PASS
+    print("\n".join(tally.summary()))
+    return tally.exit_status()

@@ -11,7 +11,7 @@ or input error; 3: nothing was checked for an implementation (every cell skipped
 """
 
 import os
-from collections import Counter
+from dataclasses import replace
 
 import torch
 
@@ -21,9 +21,9 @@ from rlparity.parallel.check import SP_CASES, SP_CASES_BY_NAME, SP_DTYPES, Measu
 from rlparity.parallel.interface import IMPLEMENTATIONS, get_implementation
 from rlparity.parallel.launch import COLLECTIVE_TIMEOUT_S
 from rlparity.results import ERROR, FAIL, PASS, SKIP, ResultStore, default_results_path
+from rlparity.tally import Tally
 
 DEFAULT_WORLDS = (1, 2, 4)
-CHECKED = (PASS, FAIL, ERROR)
 
 
 def add_sequence_parallel_parser(checks) -> None:
@@ -66,40 +66,31 @@ def _skip_reason(record) -> str:
     return record.reason.replace(f" [{record.case.rsplit('-world', 1)[0]}, {record.dtype}]", "")
 
 
-class _Tally:
-    """Verdicts by implementation, skips by reason and errors by their first line, as the cells come in."""
+class _Tally(Tally):
+    """The shared tally, with skip reasons freed of the case they name (one line stands for all the cells it
+    skipped) and errors kept whole (with the rank's traceback), printed once per distinct first line."""
 
     def __init__(self, names):
-        self.verdicts = {name: Counter() for name in names}
-        self.skips = Counter()
+        super().__init__(selected=names)
         self.errors = {}  # first line -> [the whole message, cells]
 
-    def add(self, name: str, records) -> None:
+    def add(self, *records) -> None:
         for record in records:
-            self.verdicts[name][record.verdict] += 1
-            if record.verdict == SKIP:
-                self.skips[(name, _skip_reason(record))] += 1
-            elif record.verdict == ERROR:
+            if record.verdict == ERROR:
                 first_line = (record.reason.splitlines() or [""])[0]
                 self.errors.setdefault(first_line, [record.reason, 0])[1] += 1
-
-    def nothing_checked(self) -> list[str]:
-        return [name for name, counts in self.verdicts.items() if not any(counts[v] for v in CHECKED)]
-
-    def any_failed(self) -> bool:
-        return any(counts[FAIL] or counts[ERROR] for counts in self.verdicts.values())
+        super().add(*(replace(record, reason=_skip_reason(record)) if record.verdict == SKIP else record
+                      for record in records))
 
     def print_summary(self) -> None:
-        for (name, reason), count in self.skips.items():
-            print(f"skipped {count} cells: {reason if reason.startswith(name) else f'{name}: {reason}'}")
         for whole, count in self.errors.values():
             print(f"\n{count} cells errored with:\n{whole}")
         print()
-        for name, counts in self.verdicts.items():
+        for name in self.selected:
+            counts = {verdict: self.counts[(name, verdict)] for verdict in (PASS, FAIL, ERROR, SKIP)}
             print(f"{name}: {counts[PASS]} passed, {counts[FAIL]} failed, {counts[ERROR]} errored, "
                   f"{counts[SKIP]} skipped")
-        for name in self.nothing_checked():
-            print(f"nothing was checked for {name}")
+        print("\n".join(self.summary()))
 
 
 def run(args) -> int:
@@ -131,16 +122,14 @@ def run(args) -> int:
                         for record in records:
                             record.extra["process_group"] = process_group
                             store.append(record)
-                        tally.add(implementation.name, records)
+                        tally.add(*records)
                         _print_case(f"{implementation.name:<{width}} {world:>5} {case:<17} {dtype:<5}", records)
         finally:
             group.close()
 
-    tally.print_summary()
     print(f"{store.count} records written to {store.path}")
-    if tally.any_failed():
-        return 1
-    return 3 if tally.nothing_checked() else 0
+    tally.print_summary()
+    return tally.exit_status()
 
 
 def _print_case(prefix: str, records) -> None:
