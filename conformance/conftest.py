@@ -70,21 +70,37 @@ def device(pytestconfig) -> torch.device:
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint():
-    """The bundled `tiny` GPT-OSS checkpoint folder (built and cached on first use: a few minutes)."""
-    from rlparity.models import ensure_model
+def model_source(pytestconfig):
+    """The model the suite runs on: the user's --checkpoint folder (checked when pytest started), else `tiny`."""
+    from rlparity.model_option import ModelSource
+    from rlparity.pytest_plugin import components
 
-    return ensure_model("tiny")
+    folder = components(pytestconfig).checkpoint
+    return ModelSource(checkpoint=folder) if folder is not None else ModelSource(name="tiny")
 
 
 @pytest.fixture(scope="session")
-def parity_engines(tiny_checkpoint):
-    """Engines on `tiny` by side (rlparity.parity.Side): each started on first request, once per session, and
+def tiny_checkpoint(model_source):
+    """The checkpoint folder: the user's (--checkpoint DIR), else the bundled `tiny` (built and cached on first use:
+    a few minutes)."""
+    return model_source.folder(log=lambda message: None)
+
+
+@pytest.fixture(scope="session")
+def model_batch(model_source):
+    """The model's parity batch: tiny's synthetic language, or the prompt set in the checkpoint's tokenizer."""
+    from rlparity.parity.batch import parity_batch
+
+    return parity_batch(model_source)
+
+
+@pytest.fixture(scope="session")
+def parity_engines(tiny_checkpoint, model_batch):
+    """Engines on the model by side (rlparity.parity.Side): each started on first request, once per session, and
     closed at its end; one that is unavailable, fails to start or dies is remembered as such."""
     from rlparity.parity import EnginePool
-    from rlparity.parity.batch import PARITY_MAX_LEN
 
-    with EnginePool(tiny_checkpoint, max_len=PARITY_MAX_LEN) as pool:
+    with EnginePool(tiny_checkpoint, max_len=model_batch.max_len) as pool:
         yield pool
 
 

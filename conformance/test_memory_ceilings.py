@@ -5,8 +5,9 @@ A ceiling is the closed-form estimate (rlparity.memory.analytic) plus the tolera
 
 - CPU, tracked live tensors: a training step of the bundled tiny model (random weights), the model's
   categories and phase peaks compared one by one;
-- meta device, tracked: one decoder layer and the log-prob pass of GPT-OSS-20B and -120B at 8k prompt +
-  16k response tokens, without allocating (fused attention by its kernel's allocation footprint);
+- meta device, tracked: one decoder layer and the log-prob pass of GPT-OSS-20B and -120B (and of your checkpoint,
+  from its config.json, with --checkpoint DIR) at 8k prompt + 16k response tokens, without allocating (fused
+  attention by its kernel's allocation footprint);
 - CUDA (gpu-marked): a real-size GPT-OSS-20B layer and the log-prob pass, from the caching allocator,
   with an allocator snapshot written when a ceiling is exceeded.
 
@@ -19,13 +20,14 @@ measured peak in bytes, tolerance = the ceiling.
 """
 
 import gc
+from pathlib import Path
 
 import pytest
 import torch
 
 from rlparity.memory import TrackedMeter, analytic
 from rlparity.memory.ceilings import VALIDATION_TOLERANCE, ceiling, compare
-from rlparity.memory.configs import model_config
+from rlparity.memory.configs import folder_config, model_config
 from rlparity.memory.dims import Dims
 from rlparity.memory.fake import META, decoder_layer, gpt_oss_config, position_embeddings
 from rlparity.memory.report import format_bytes
@@ -40,6 +42,7 @@ from rlparity.memory.steps import (
 )
 from rlparity.ops.hf import DENSE_EXPERTS_IMPLEMENTATION, EXPERTS_IMPLEMENTATION
 from rlparity.ops.logprobs import logprobs_and_entropy
+from rlparity.pytest_plugin import components
 from rlparity.results import FAIL, PASS, Record
 
 BF16 = torch.bfloat16
@@ -154,8 +157,24 @@ def test_cpu_eager_attention_exceeds_ceiling(recorder):
 # ------------------------------------------------------------------------------------------------ meta, real size
 
 
+def pytest_generate_tests(metafunc):
+    """The real-size models by name, and the user's checkpoint folder (a Path) when --checkpoint is given."""
+    if "model" in metafunc.fixturenames:
+        folder = components(metafunc.config).checkpoint
+        models = [*REAL_SIZE, *([folder] if folder is not None else [])]
+        metafunc.parametrize("model", models, ids=[_name(model) for model in models])
+
+
+def _name(model) -> str:
+    return f"checkpoint-{model.name}" if isinstance(model, Path) else model
+
+
+def _config(model) -> dict:
+    return folder_config(model) if isinstance(model, Path) else model_config(model)
+
+
 def _meta_layer(model, attention, experts, tokens=LONG_CONTEXT):
-    config = model_config(model)
+    config = _config(model)
     hf_config = gpt_oss_config(config, attention=attention, experts=experts)
     layer = decoder_layer(hf_config, layer_index=1, dtype=BF16)
     mask = eager_mask(tokens, BF16, META) if attention == "eager" else None
@@ -163,27 +182,25 @@ def _meta_layer(model, attention, experts, tokens=LONG_CONTEXT):
 
 
 def _meta_logprobs(model, chunk, tokens=LONG_CONTEXT):
-    d = Dims.of(model_config(model))
+    d = Dims.of(_config(model))
     hidden = torch.empty(tokens, d.hidden, dtype=BF16, device=META, requires_grad=True)
     weight = torch.empty(d.vocab, d.hidden, dtype=BF16, device=META, requires_grad=True)
     targets = torch.empty(tokens, dtype=torch.long, device=META)
     return logprob_step(TrackedMeter(META), hidden, weight, targets, chunk)
 
 
-@pytest.mark.parametrize("model", REAL_SIZE)
 def test_meta_decoder_layer_within_ceiling(model, recorder):
     report = _meta_layer(model, "triton", EXPERTS_IMPLEMENTATION)
-    estimate = analytic.layer_step_estimate(model_config(model), LONG_CONTEXT, BF16, "triton")
+    estimate = analytic.layer_step_estimate(_config(model), LONG_CONTEXT, BF16, "triton")
     categories = {"gradients": "backward"} | {f"activations.{k}": "forward" for k in estimate.saved_activations()}
-    _within_ceiling(recorder, "memory.layer", f"{model}/triton/{EXPERTS_IMPLEMENTATION}",
+    _within_ceiling(recorder, "memory.layer", f"{_name(model)}/triton/{EXPERTS_IMPLEMENTATION}",
                     f"T={LONG_CONTEXT}", report, estimate, categories)
 
 
-@pytest.mark.parametrize("model", REAL_SIZE)
 def test_meta_logprob_pass_within_ceiling(model, recorder):
     report = _meta_logprobs(model, LOGPROB_CHUNK)
-    estimate = analytic.logprob_step_estimate(model_config(model), LONG_CONTEXT, BF16, LOGPROB_CHUNK)
-    _within_ceiling(recorder, "memory.logprob_pass", f"{model}/chunked_logprobs",
+    estimate = analytic.logprob_step_estimate(_config(model), LONG_CONTEXT, BF16, LOGPROB_CHUNK)
+    _within_ceiling(recorder, "memory.logprob_pass", f"{_name(model)}/chunked_logprobs",
                     f"T={LONG_CONTEXT},chunk={LOGPROB_CHUNK}", report, estimate,
                     {"activations.logprob": "forward", "gradients": "backward"})
 

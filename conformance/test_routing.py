@@ -6,7 +6,8 @@ engine, and does router replay take effect? Measured per layer on the tiny GPT-O
     batch invariance    a sequence alone vs padded at row 1 of a batch with a longer and a shorter one
     dual forward        the rollout log-prob pass (eval, no grad), then the training forward (train, grad):
                         routes, log-probs, and the PPO ratio's deviation from 1
-    trainer vs engine   per-layer agreement with the float64 reference and with vLLM (when installed)
+    trainer vs engine   per-layer agreement with the float64 reference and with vLLM (when installed); with
+                        --engine NAME=module:Class, with your engine instead (it needs routing(token_ids))
     router precision    each router alone in bf16 vs fp32 on the same hidden states
     replay              the engine's routes forced in the training forward: exact routes, router gradients,
                         log-probs closer to the engine's than without replay
@@ -17,12 +18,13 @@ One Record per check; the per-layer table is in the record's extra["comparison"]
 
 import pytest
 
-from rlparity.engines import open_engine
+from rlparity.engines import EngineUnavailable, engine_class, is_user_engine, open_engine, routes
 from rlparity.engines.base import process_versions
 from rlparity.engines.process import EngineProcessError
 from rlparity.errors import RlparityError
 from rlparity.models import Language
-from rlparity.results import ERROR, FAIL, SKIP, Record
+from rlparity.pytest_plugin import components
+from rlparity.results import ERROR, SKIP, Record
 from rlparity.routing.agreement import coarser_dtype
 from rlparity.routing.checks import (
     check_agreement,
@@ -32,7 +34,7 @@ from rlparity.routing.checks import (
     check_replay,
     check_router_precision,
 )
-from rlparity.routing.engines import engine_routes, vllm_unavailable_reason
+from rlparity.routing.engines import engine_routes, open_routing_engine, vllm_unavailable_reason
 from rlparity.routing.forward import run_pass
 from rlparity.routing.report import agreement_table
 
@@ -47,10 +49,16 @@ VLLM_MARKS = [pytest.mark.engine_vllm, pytest.mark.multi_process]
 
 
 @pytest.fixture(scope="module")
-def sequences(tiny_checkpoint):
-    from rlparity.models import open_checkpoint
-
-    vocab = open_checkpoint(tiny_checkpoint).config["vocab_size"]
+def sequences(model_source, model_batch):
+    """Held-out text of tiny's language; with --checkpoint DIR, consecutive pieces of the prompt set (its tokenizer)."""
+    if model_source.checkpoint is not None:
+        stream = [token for sequence in model_batch.token_ids for token in sequence]
+        if len(stream) < sum(SEQUENCE_LENGTHS):
+            pytest.fail(f"the parity prompt set is {len(stream)} tokens in the tokenizer of {model_source.checkpoint}, "
+                        f"fewer than the {sum(SEQUENCE_LENGTHS)} the routing sequences need", pytrace=False)
+        starts = [sum(SEQUENCE_LENGTHS[:i]) for i in range(len(SEQUENCE_LENGTHS))]
+        return [stream[start:start + length] for start, length in zip(starts, SEQUENCE_LENGTHS)]
+    vocab = model_source.config()["vocab_size"]
     block = next(Language(vocab, seed=0).batches(seed=HELD_OUT_SEED, batch=len(SEQUENCE_LENGTHS),
                                                  seq_len=max(SEQUENCE_LENGTHS)))
     return [row[:length] for row, length in zip(block, SEQUENCE_LENGTHS)]
@@ -91,6 +99,8 @@ class RolloutEngines:
         if (name, dtype) not in self.cache:
             if name == "reference":
                 engine = open_engine("reference", self.checkpoint)
+            elif is_user_engine(name):
+                engine = open_routing_engine(name, self.checkpoint, TRAINER_DTYPES[dtype], max(SEQUENCE_LENGTHS))
             else:
                 from rlparity.engines.vllm import VllmEngine
 
@@ -119,8 +129,13 @@ def rollout_engine(rollout, name: str, dtype: str, subject: str, recorder, check
     if name == "vllm" and (reason := vllm_unavailable_reason()):
         report(recorder, Record(f"routing.{check}", subject, f"{name}_{dtype}", dtype, SKIP,
                                      reason=f"needs vLLM: {reason}"))
+    if is_user_engine(name) and not routes(engine_class(name)):
+        report(recorder, Record(f"routing.{check}", subject, f"{name}_{dtype}", dtype, SKIP,
+                                reason=f"engine {name!r} has no routing(token_ids): its routes are not checked"))
     try:
         return rollout.get(name, dtype)
+    except EngineUnavailable as exc:
+        report(recorder, Record(f"routing.{check}", subject, f"{name}_{dtype}", dtype, SKIP, reason=str(exc)))
     except (RlparityError, EngineProcessError) as exc:
         error = f"{type(exc).__name__}: {exc}"
     report(recorder, Record(f"routing.{check}", subject, f"{name}_{dtype}", dtype, ERROR, reason=error))
@@ -151,10 +166,16 @@ def test_dual_forward(trainers, sequences, dtype, recorder):
     report(recorder, check_dual_forward(trainer.model, trainer.name, sequences, trainer.pad_id))
 
 
+def pytest_generate_tests(metafunc):
+    """The rollout engines of test_trainer_vs_engine: the reference and vLLM, or the user's (--engine) instead."""
+    if metafunc.function.__name__ != "test_trainer_vs_engine":
+        return
+    user_engines = [pytest.param(name, "same", id=name) for name in components(metafunc.config).engines]
+    metafunc.parametrize("engine_name, engine_dtype", user_engines or [
+        pytest.param("reference", "fp64", id="reference"), pytest.param("vllm", "same", marks=VLLM_MARKS, id="vllm")])
+
+
 @pytest.mark.parametrize("dtype", TRAINER_DTYPES)
-@pytest.mark.parametrize("engine_name, engine_dtype", [("reference", "fp64"),
-                                                       pytest.param("vllm", "same", marks=VLLM_MARKS)],
-                         ids=["reference", "vllm"])
 def test_trainer_vs_engine(trainers, rollout, sequences, dtype, engine_name, engine_dtype, recorder):
     trainer = trainers(dtype)
     engine_dtype = dtype if engine_dtype == "same" else engine_dtype

@@ -153,3 +153,22 @@ class NoSlidingWindow(Planted):
 def hf_without_sliding_window(checkpoint: Path, folder: Path, **options) -> NoSlidingWindow:
     """The hf engine on that copy: it attends past the window where the checkpoint says it must not."""
     return NoSlidingWindow(open_engine("hf", without_sliding_window(checkpoint, folder), **options))
+
+
+class TemperatureScaledAsRaw:
+    """A user's engine (the --engine door: constructed as Class(checkpoint, dtype=..., max_len=...)) that returns
+    log_softmax(z / T) at T = 0.7 whatever is asked, raw included: the rollout's sampling temperature left in the
+    values a trainer reads as log p. Its logits are transformers' (rlparity's hf engine)."""
+
+    temperature = 0.7
+
+    def __init__(self, checkpoint, *, dtype, max_len=None):
+        self.inner = open_engine("hf", checkpoint, dtype=dtype, max_len=max_len)
+
+    def logprobs(self, token_ids, prompt_len, sampling=RAW):
+        values = []
+        for ids, prompt in zip(token_ids, prompt_len):
+            logits = self.inner.hidden_states(ids)["logits"].float()  # [S, V]
+            scaled = torch.log_softmax(logits[prompt - 1 : -1] / self.temperature, dim=-1)
+            values.append(scaled.gather(-1, torch.tensor(ids[prompt:])[:, None])[:, 0])
+        return values

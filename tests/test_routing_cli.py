@@ -39,11 +39,17 @@ def test_unknown_model_is_refused(tmp_path):
         args.run(args)
 
 
-@pytest.mark.parametrize("argv", [["--a", "sglang", "--b", "hf"], ["--a", "hf", "--b", "hf", "--length", "0"]])
-def test_bad_arguments_exit_with_usage(argv, capsys):
+def test_bad_arguments_exit_with_usage(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        parse(argv)
+        parse(["--a", "hf", "--b", "hf", "--length", "0"])
     assert exit_info.value.code == 2
+
+
+def test_an_engine_without_routes_is_named_before_anything_opens(tmp_path):
+    args = parse(["--a", "sglang", "--b", "hf", "--model", str(tmp_path)])
+    with pytest.raises(RlparityError, match=r"routing: unknown engine 'sglang'; expected one of \('hf', 'reference', "
+                                            r"'vllm'\), or yours with --engine NAME=module:Class"):
+        args.run(args)
 
 
 def test_vllm_unavailable_says_why(micro_checkpoint, monkeypatch):

@@ -1,6 +1,10 @@
 """The `rlparity` command.
 
+    rlparity conformance [--only PARTS] [pytest options]   the conformance suite against your components
     rlparity check attention --backend pkg.module:attend   the sink-attention matrix against one function
+    rlparity check parity --a hf:float32 --b mine:float32 --engine mine=my_engine:MyEngine
+                                                           one trainer/engine pair: preflight, metrics, verdict
+    rlparity check sequence-parallel --impl pkg.sp:attend --world 2   a sequence-parallel attention on its ranks
     rlparity memory --model gpt-oss-20b --tokens 24576 --world 16 --attention triton --budget 80GiB
                                                            per-rank memory by phase, and whether it fits
     rlparity diff --a hf --b vllm                          the first layer where two engines' activations diverge
@@ -13,51 +17,21 @@
 
 import argparse
 import json
-import os
 import sys
 
 from rlparity.errors import RlparityError
 from rlparity.memory.cli import add_memory_parser
+from rlparity.parallel.check_command import add_sequence_parallel_parser
+from rlparity.parity.check_command import add_check_parity_parser
 from rlparity.parity.diff_command import add_diff_parser
 from rlparity.routing.cli import add_routing_parser
 from rlparity.trainer.cli import add_train_parser
 
 
 def _check_attention(args) -> int:
-    import torch
+    from rlparity.attention.check_command import check_attention
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any triton import
-    from rlparity.attention import get_backend
-    from rlparity.attention.cases import CASES, CASES_BY_NAME, DTYPES_BY_NAME
-    from rlparity.attention.matrix import SENSITIVITY_CASE, measure, sink_sensitivity, to_records
-    from rlparity.results import ERROR, FAIL, ResultStore, default_results_path
-
-    backend = get_backend(args.backend)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtypes = [_lookup(DTYPES_BY_NAME, name, "dtype") for name in args.dtype.split(",")]
-    cases = CASES if not args.case else [_lookup(CASES_BY_NAME, name, "case") for name in args.case.split(",")]
-    store = ResultStore(args.results or default_results_path("check-attention"))
-
-    print(f"{'case':<22} {'dtype':<5} {'quantity':<17} {'error':>10} {'tolerance':>10}  verdict")
-    bad = 0
-    for dtype in dtypes:
-        runs = [(case, "sink_attention", measure(backend, case, dtype, device)) for case in cases]
-        sensitivity_case = CASES_BY_NAME[SENSITIVITY_CASE]
-        runs.append((sensitivity_case, "sink_sensitivity", sink_sensitivity(backend, sensitivity_case, dtype, device)))
-        for case, prefix, measurements in runs:
-            for measurement, record in zip(measurements, to_records(backend, case, dtype, measurements, prefix)):
-                store.append(record)
-                bad += record.verdict in (FAIL, ERROR)
-                error = "" if record.error is None else f"{record.error:.3g}"
-                tol = "" if record.tolerance is None else f"{record.tolerance:.3g}"
-                line = (f"{case.name:<22} {record.dtype:<5} {measurement.quantity:<17} {error:>10} {tol:>10}  "
-                        f"{record.verdict}")
-                if record.verdict != "pass":
-                    line += f"  {record.reason}"
-                print(line, flush=True)
-    print(f"\n{backend.name}: {bad} failing cells; {store.count} records written to {store.path}")
-    return 1 if bad else 0
+    return check_attention(args)
 
 
 def _lookup(table: dict, name: str, what: str):
@@ -115,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_argument("--device", default=None, help="torch device (default: cuda if visible, else cpu)")
     attention.add_argument("--results", default=None, help="JSON-lines results file")
     attention.set_defaults(run=_check_attention)
+    add_sequence_parallel_parser(checks)
+    add_check_parity_parser(checks)
 
     dashboard = commands.add_parser("dashboard", help="results and benchmark JSON -> a static HTML page")
     dashboard.add_argument("--results", nargs="*", default=["results", "benchmarks/results"],
@@ -138,15 +114,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_diff_parser(commands)
     add_train_parser(commands)
 
+    commands.add_parser("conformance", help="the conformance suite against your components (pytest options pass "
+                        "through; see `rlparity conformance --help`)")
     env = commands.add_parser("env", help="print the environment fingerprint and the engines' interpreters")
     env.set_defaults(run=_env)
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["conformance"]:  # everything after it belongs to pytest, which argparse cannot pass through
+        from rlparity.suite import run_suite
+
+        return _reporting_errors(run_suite, argv[1:])
     args = build_parser().parse_args(argv)
+    return _reporting_errors(args.run, args)
+
+
+def _reporting_errors(run, args) -> int:
     try:
-        return args.run(args)
+        return run(args)
     except RlparityError as exc:
         print(f"rlparity: error: {exc}", file=sys.stderr)
         return 2

@@ -25,9 +25,12 @@ class Tally:
 
     def add(self, *records: Record) -> None:
         for record in records:
-            self.counts[(record.subject, record.verdict)] += 1
-            if record.verdict == SKIP:
-                self.skip_reasons[record.reason] += 1
+            self.count(record.subject, record.verdict, record.reason)
+
+    def count(self, subject: str, verdict: str, reason: str = "") -> None:
+        self.counts[(subject, verdict)] += 1
+        if verdict == SKIP:
+            self.skip_reasons[reason] += 1
 
     def checked(self, component: str | None = None) -> int:
         return sum(n for (subject, verdict), n in self.counts.items()
@@ -52,8 +55,9 @@ class Tally:
             lines.append(f"{subject:<56} " + " ".join(f"{n:>6}" for n in row))
         return lines
 
-    def summary(self) -> list[str]:
-        """The skips, one line per distinct reason with its count, then what was not checked."""
+    def summary(self, everything: str | None = None) -> list[str]:
+        """The skips, one line per distinct reason with its count, then what was not checked (`everything` names
+        the whole run in `nothing was checked for ...` when no cell at all was)."""
         lines = []
         if self.skip_reasons:
             lines.append("skipped, by reason:")
@@ -61,5 +65,6 @@ class Tally:
         unchecked = self.unchecked()
         lines += [f"nothing was checked for {component}" for component in unchecked]
         if not self.checked() and not unchecked:
-            lines.append("nothing was checked: no cell passed or failed")
+            lines.append(f"nothing was checked for {everything}" if everything else
+                         "nothing was checked: no cell passed or failed")
         return lines

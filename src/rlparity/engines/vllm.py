@@ -100,12 +100,14 @@ class VllmEngine:
                  tokenizer: Path | str | None = None, logprobs_mode: str = "raw", seed: int = 0,
                  hf_overrides: dict | None = None, python: str | None = None,
                  start_timeout: float = START_TIMEOUT_S, request_timeout: float = REQUEST_TIMEOUT_S,
-                 log_path: Path | str | None = None, gpu_memory_utilization: float = 0.2, cpu_kv_cache_gib: int = 1):
+                 log_path: Path | str | None = None, gpu_memory_utilization: float = 0.2, cpu_kv_cache_gib: int = 1,
+                 tensor_parallel_size: int = 1):
         """Checks the checkpoint, starts the engine process and waits until vLLM has loaded the model.
 
         hf_overrides: config fields vLLM should read differently from config.json (vLLM's own option), e.g. to
         plant a mismatch; `info` shows what vLLM then used. gpu_memory_utilization: vLLM's default (0.9) asks
         for more than a shared CPU node reports. cpu_kv_cache_gib: VLLM_CPU_KVCACHE_SPACE unless already set.
+        tensor_parallel_size: vLLM's own, the GPUs one model is split over (e.g. a 120B checkpoint on 4).
         """
         if dtype not in DTYPES:
             raise RlparityError(f"vllm engine: dtype {dtype!r} is not supported; expected one of "
@@ -132,7 +134,8 @@ class VllmEngine:
         self.options = {"checkpoint": str(self.checkpoint), "tokenizer": tokenizer_folder and str(tokenizer_folder),
                         "dtype": DTYPES[dtype], "max_model_len": self.vllm_max_model_len, "seed": seed,
                         "logprobs_mode": LOGPROBS_MODES[logprobs_mode], "hf_overrides": hf_overrides,
-                        "gpu_memory_utilization": gpu_memory_utilization, "cpu_kv_cache_gib": cpu_kv_cache_gib}
+                        "gpu_memory_utilization": gpu_memory_utilization, "cpu_kv_cache_gib": cpu_kv_cache_gib,
+                        "tensor_parallel_size": tensor_parallel_size}
         self.request_timeout = request_timeout
         self.process, self.info = self._launch(python, start_timeout, log_path)
         if self.info["max_model_len"] != self.vllm_max_model_len:

@@ -40,6 +40,8 @@ def engine_args(options: dict) -> dict:
         args["max_model_len"] = options["max_model_len"]
     if options.get("hf_overrides"):
         args["hf_overrides"] = options["hf_overrides"]
+    if options.get("tensor_parallel_size", 1) != 1:
+        args["tensor_parallel_size"] = options["tensor_parallel_size"]
     return args
 
 

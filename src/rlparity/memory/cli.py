@@ -1,6 +1,7 @@
 """`rlparity memory`: the per-rank phase table of one RL training step, and whether it fits a budget.
 
     rlparity memory --model gpt-oss-20b --tokens 24576 --world 16 --attention triton --budget 80GiB
+    rlparity memory --checkpoint ./my-gpt-oss --tokens 8192 --budget 80GiB   # your model, from its config.json
 
 The table is the closed-form estimate (rlparity.memory.analytic). --verify also runs one real-size
 decoder layer and the log-prob pass on the meta device under the tracker and prints them against the
@@ -13,9 +14,10 @@ only when this one runs (rlparity.memory.table).
 import argparse
 
 from rlparity.errors import RlparityError
-from rlparity.memory.configs import REAL_SIZE, model_config
+from rlparity.memory.configs import REAL_SIZE, folder_config, model_config
 from rlparity.memory.footprints import ATTENTION_PATHS
 from rlparity.memory.report import format_bytes, parse_bytes
+from rlparity.model_option import add_model_arguments
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # option -> torch attribute
 DEFAULT_CHUNK = 1024  # tokens per log-prob chunk: 1024 x 201,088 float32 logits = 0.77 GiB per buffer
@@ -43,8 +45,8 @@ def _budget(text: str) -> int:
 def add_memory_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("memory", help="per-rank memory of an RL training step: phase table and fit",
                                    description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True,
-                        help=f"{', '.join(REAL_SIZE)}, or a bundled model of fixtures/models (e.g. tiny)")
+    add_model_arguments(parser, default=None,
+                        model_help=f"{', '.join(REAL_SIZE)}, or a bundled model of fixtures/models (e.g. tiny)")
     parser.add_argument("--tokens", type=int, required=True,
                         help="tokens per rank in one micro-batch (divide by the Ulysses degree if you use it)")
     parser.add_argument("--world", type=int, default=1, help="FSDP ranks the state is sharded over (1: no FSDP)")
@@ -73,7 +75,8 @@ def _workload(args):
         raise RlparityError(f"--tokens must be at least 2, got {args.tokens}")
     if args.world < 1:
         raise RlparityError(f"--world must be at least 1, got {args.world}")
-    return Workload(config=model_config(args.model), tokens=args.tokens, dtype=getattr(torch, DTYPES[args.dtype]),
+    config = folder_config(args.checkpoint) if args.checkpoint else model_config(args.model)
+    return Workload(config=config, tokens=args.tokens, dtype=getattr(torch, DTYPES[args.dtype]),
                     attention=args.attention, logprob_chunk=args.logprob_chunk, world=args.world,
                     master_dtype=getattr(torch, DTYPES[args.master_dtype]), checkpointing=args.checkpointing)
 
@@ -83,7 +86,7 @@ def memory_command(args) -> int:
 
     workload = _workload(args)
     estimate = analytic.estimate(workload)
-    print(table.describe(args.model, workload))
+    print(table.describe(args.model or f"checkpoint {args.checkpoint}", workload))
     limit = table.print_table(workload, estimate)
     if args.verify:
         table.verify(workload)

@@ -3,7 +3,8 @@
 The real-size fields are those of openai/gpt-oss-20b and openai/gpt-oss-120b's config.json (Hugging
 Face hub, August 2025): only what memory depends on, plus what transformers' GptOssConfig needs to build
 a layer on the meta device. The bundled models (fixtures/models: micro, tiny) are read through
-rlparity.models.specs.
+rlparity.models.specs. A user's checkpoint folder is read from its config.json alone (`folder_config`): the
+weights need not be there to plan memory.
 """
 
 from rlparity.errors import RlparityError
@@ -57,3 +58,10 @@ def model_config(name: str) -> dict:
     if name not in bundled():
         raise RlparityError(f"unknown model {name!r}: expected one of {', '.join(model_names())}")
     return dict(load_spec(name).config)
+
+
+def folder_config(folder: str) -> dict:
+    """The config.json of a GPT-OSS checkpoint folder, checked and normalised (rlparity.models.checkpoint_config)."""
+    from rlparity.models import checkpoint_config
+
+    return checkpoint_config(folder)

@@ -19,7 +19,8 @@ from rlparity.models.tokenizer_info import TokenizerInfo, tokenizer_info
 
 SINGLE_WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
-BUILD_HINT = "build the bundled model with `python -m rlparity.models build tiny` and pass the folder it prints"
+BUILD_HINT = ("expected a GPT-OSS checkpoint folder, or a bundled model's: `python -m rlparity.models build tiny` "
+              "prints its folder")
 
 
 def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -85,7 +86,7 @@ def check_weights(path: Path, config: dict) -> dict[str, Path]:
         if name in expected and shape != expected[name]:
             problems.append(f"{name} has shape {shape}, the config implies {expected[name]}")
     if problems:
-        raise RlparityError(f"weights in {path} do not match its config.json:\n  - " + "\n  - ".join(problems))
+        raise RlparityError(f"weights in {path} do not match its config.json: " + "; ".join(problems))
     return files
 
 
@@ -104,8 +105,8 @@ def check_tokenizer(config: dict, tokenizer: TokenizerInfo, path: Path) -> None:
             problems.append(f"config {key} is {config_id} ({names}), but the tokenizer's {key[:-3]} is {token!r} "
                             f"(id {tokenizer.token_to_id.get(token)})")
     if problems:
-        raise RlparityError(f"the tokenizer in {path} does not belong to the model there (mismatched tokenizer):\n"
-                            "  - " + "\n  - ".join(problems))
+        raise RlparityError(f"the tokenizer in {path} does not belong to the model there (mismatched tokenizer): "
+                            + "; ".join(problems))
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ def normalise(config: dict, source: str) -> dict:
     """The config with RoPE as rope_theta + rope_scaling and GPT-OSS defaults filled in; raises if not GPT-OSS-like."""
     problems = problems_with(config)
     if problems:
-        raise RlparityError(f"{source} is not a GPT-OSS-like config:\n  - " + "\n  - ".join(problems))
+        raise RlparityError(f"{source} is not a GPT-OSS-like config: " + "; ".join(problems))
     theta, scaling = rope_of(config)
     normalised = {**DEFAULTS, **config}
     normalised.pop("rope_parameters", None)

@@ -84,7 +84,7 @@ def _check(pool: EnginePool, pair: Pair, batch: ParityBatch, floors: NoiseFloors
             tolerance = preflight_tolerance(floors, pair, a.logprobs(batch.token_ids, batch.prompt_len))
             result.preflight = preflight(a, b, batch, tolerance,
                                          diff_command=f"rlparity diff --a {pair.a.engine}:{pair.a.dtype} "
-                                                      f"--b {pair.b.engine}:{pair.b.dtype} --model {batch.model}")
+                                                      f"--b {pair.b.engine}:{pair.b.dtype} {batch.model_option}")
             if not result.preflight.ok:
                 result.verdict, result.reason = FAIL, f"semantics differ: {result.preflight.summary()}"
                 return result

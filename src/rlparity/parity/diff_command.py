@@ -20,17 +20,19 @@ When both sides report routing, the MoE rows also count tokens sent to a differe
 
 The table gives each point's relative error ||a - b|| / ||b||, its noise floor (the plain reference in the
 comparison's dtype against float64, same tokens), their ratio to the threshold, and the first token above it;
-the last line names the first point above its floor and what fits (e.g. a sliding window ignored). Exit status:
-0 when nothing is above its floor, 1 when a point is, 2 on bad input.
+the last line names the first point above its floor and what fits (e.g. a sliding window ignored). Your engine is a
+side too: --engine mine=my_engine:MyEngine --b mine (it needs hidden_states). Exit status: 0 when nothing is above
+its floor, 1 when a point is, 2 on bad input, 3 when nothing could be compared (an engine cannot run here).
 """
 
 import argparse
 import json
-import sys
 from dataclasses import asdict
-from pathlib import Path
 
 # Only the standard library is imported until the command runs: adding this parser to a command line is free.
+from rlparity.engine_option import add_engine_argument, register_engines
+from rlparity.model_option import add_model_arguments, model_source
+from rlparity.tally import EXIT_NOTHING_CHECKED
 
 # Enough tokens to pass the bundled models' sliding windows (tiny: 32, micro: 8) three times.
 DIFF_TOKENS = 96
@@ -59,38 +61,41 @@ def add_diff_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--b", required=True, metavar="ENGINE[:DTYPE]", help="the other side, e.g. vllm or "
                         "reference:float64")
     parser.add_argument("--dtype", default="float32", help="dtype of a side given without one (default float32)")
-    parser.add_argument("--model", default="tiny", help="a bundled model (default tiny), built if needed")
-    parser.add_argument("--checkpoint", default=None, help="a GPT-OSS checkpoint folder instead of a bundled model "
-                        "(the tokens are then seeded random ids)")
+    add_model_arguments(parser)
     parser.add_argument("--tokens", type=int, default=DIFF_TOKENS, help=f"sequence length (default {DIFF_TOKENS})")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the token sequence (default: the parity "
-                        "batch's)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of a bundled model's token sequence (default: "
+                        "the parity batch's); a checkpoint's tokens are the longest text of its parity prompt set")
     parser.add_argument("--a-option", action="append", type=parse_option, default=[], metavar="KEY=JSON",
                         help="constructor option of side a (repeatable), e.g. attn_implementation=\"eager\"")
     parser.add_argument("--b-option", action="append", type=parse_option, default=[], metavar="KEY=JSON",
                         help="constructor option of side b, e.g. hf_overrides='{\"sliding_window\": null}'")
     parser.add_argument("--results", default=None, help="JSON-lines results file (default results/diff-<time>.jsonl)")
+    add_engine_argument(parser)
     parser.set_defaults(run=run_diff)
     return parser
 
 
-def diff_tokens(model: str | None, checkpoint_config: dict, length: int, seed: int) -> list[int]:
-    import torch
+def diff_tokens(source, length: int, seed: int) -> tuple[list[int], str]:
+    """(tokens, where they come from): a bundled model's synthetic language from `seed`, or the longest sequence of
+    a checkpoint's parity batch (the prompt set in its own tokenizer), cut to `length`."""
+    from rlparity.errors import RlparityError
+    from rlparity.parity.batch import language_tokens, parity_batch
 
-    from rlparity.parity.batch import language_tokens
-
-    if model is not None:
-        return language_tokens(model, seed, [length])[0]
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, checkpoint_config["vocab_size"], (length,), generator=generator).tolist()
+    if source.checkpoint is None:
+        return language_tokens(source.name, seed, [length])[0], f"seed{seed}"
+    batch = parity_batch(source)
+    longest = max(batch.token_ids, key=len)
+    if len(longest) < length:
+        raise RlparityError(f"--tokens {length}: the longest text of the parity prompt set is {len(longest)} tokens "
+                            f"in the tokenizer of {source.checkpoint}; ask for at most {len(longest)}")
+    return longest[:length], batch.prompts
 
 
 def run_diff(args: argparse.Namespace) -> int:
-    """Prints the table; exit status 0 when no point is above its floor, 1 when one is. Bad input raises
-    RlparityError (the caller prints it and exits 2)."""
+    """Prints the table; exit status 0 when no point is above its floor, 1 when one is, 3 when an engine cannot run
+    here. Bad input raises RlparityError (the caller prints it and exits 2)."""
     from rlparity.engines.base import process_versions
     from rlparity.errors import RlparityError
-    from rlparity.models import ensure_model, open_checkpoint
     from rlparity.parity.batch import PARITY_SEED
     from rlparity.parity.diff import diff_sides
     from rlparity.parity.sides import EngineFailed, EnginePool, EngineUnavailable, Side
@@ -99,25 +104,28 @@ def run_diff(args: argparse.Namespace) -> int:
     if args.tokens < 2:
         raise RlparityError(f"--tokens must be at least 2, got {args.tokens}")
     seed = PARITY_SEED if args.seed is None else args.seed
+    register_engines(args.engine)
     a = Side.parse(args.a, args.dtype, dict(args.a_option))
     b = Side.parse(args.b, args.dtype, dict(args.b_option))
-    model = None if args.checkpoint else args.model
-    if args.checkpoint:
-        checkpoint = Path(args.checkpoint)
-    else:
-        checkpoint = ensure_model(args.model, log=lambda message: print(message, file=sys.stderr))
-    config = open_checkpoint(checkpoint).config
-    tokens = diff_tokens(model, config, args.tokens, seed)
-    with EnginePool(checkpoint, max_len=max(MIN_ENGINE_MAX_LEN, args.tokens)) as pool:
+    source = model_source(args)
+    source.check_side_tokenizers((a, b))
+    tokens, origin = diff_tokens(source, args.tokens, seed)
+    checkpoint = source.folder()
+    # room for the tokens, within what the model (and vLLM, one token short of it) accepts
+    max_len = min(max(MIN_ENGINE_MAX_LEN, args.tokens), source.config()["max_position_embeddings"] - 1)
+    with EnginePool(checkpoint, max_len=max_len) as pool:
         try:
             report = diff_sides(pool, a, b, tokens)
             versions = process_versions(pool.get(a), pool.get(b))
-        except (EngineUnavailable, EngineFailed) as exc:
+        except EngineUnavailable as exc:
+            print(f"skipped: {exc}\nnothing was checked for {a.label} vs {b.label}")
+            return EXIT_NOTHING_CHECKED
+        except EngineFailed as exc:
             raise RlparityError(str(exc)) from exc
     print("\n".join(report.table()))
     store = ResultStore(args.results or default_results_path("diff"))
     store.append(Record(property="logprob_parity.first_diverging_layer", subject=f"{a.label} vs {b.label}",
-                        case=f"{model or checkpoint}:{len(tokens)}tok:seed{seed}", dtype=report.floor_dtype,
+                        case=f"{source.label}:{len(tokens)}tok:{origin}", dtype=report.floor_dtype,
                         verdict=FAIL if report.first else PASS,
                         error=max(point.ratio for point in report.points), tolerance=1.0, reason=report.hint,
                         shapes={"tokens": len(tokens)}, extra={"points": [asdict(p) for p in report.points]},

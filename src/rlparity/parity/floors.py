@@ -12,6 +12,12 @@ delivered log-probs allows (rlparity.metrics.agreement_tolerances). The floors a
 and the batch (both hashed in the file): using them on anything else is refused with the command to re-measure.
 
     python -m rlparity.parity calibrate --model tiny      # re-measure and rewrite the model's entry
+    python -m rlparity.parity calibrate --checkpoint DIR  # your checkpoint's floors, kept outside the repository
+
+A bundled model's entry is keyed by its name, in fixtures/noise_floors.json. A user's checkpoint's entry is keyed
+by the checkpoint's content hash (rlparity.models.checkpoint_sha256: config, weights, tokenizer), in
+<cache>/noise_floors.json ($RLPARITY_CACHE, default ~/.cache/rlparity): a changed checkpoint has no floors until
+they are measured again, and the same weights in another folder reuse them.
 """
 
 import json
@@ -20,6 +26,8 @@ from pathlib import Path
 
 from rlparity.errors import RlparityError
 from rlparity.metrics import AGREEMENT_METRICS, K_FORWARD, agreement_tolerances
+from rlparity.model_option import ModelSource, as_source
+from rlparity.models import cache_root, checkpoint_sha256
 from rlparity.models.recipe import recipe_hash
 from rlparity.models.specs import load_spec, models_dir
 from rlparity.parity.batch import ParityBatch
@@ -34,12 +42,31 @@ FLOORS_FILE = "noise_floors.json"
 CALIBRATION_DTYPES = ("float32", "bfloat16")
 
 
-def floors_path() -> Path:
+def floors_path(model: "ModelSource | str" = "tiny") -> Path:
+    """fixtures/noise_floors.json for a bundled model; <cache>/noise_floors.json for a user's checkpoint."""
+    if as_source(model).checkpoint is not None:
+        return cache_root() / FLOORS_FILE
     return models_dir().parent / FLOORS_FILE
 
 
-def calibrate_command(model: str) -> str:
-    return f"python -m rlparity.parity calibrate --model {model}"
+def calibrate_command(model: "ModelSource | str") -> str:
+    return f"python -m rlparity.parity calibrate {as_source(model).argument}"
+
+
+def floors_key(model: "ModelSource | str") -> str:
+    """The entry's key: a bundled model's name, or "checkpoint-sha256:<content hash>" (reads the weights once)."""
+    source = as_source(model)
+    return source.name if source.checkpoint is None else f"checkpoint-sha256:{checkpoint_sha256(source.checkpoint)}"
+
+
+def model_identity(source: ModelSource, checkpoint: Path) -> dict:
+    """What the floors were measured on: a bundled model's recipe and weights hash, or a checkpoint's content hash."""
+    if source.checkpoint is not None:
+        key = floors_key(source)
+        return {"name": key, "checkpoint": str(source.checkpoint), "content_sha256": key.partition(":")[2]}
+    manifest_file = checkpoint / "rlparity-build.json"
+    weights = json.loads(manifest_file.read_text())["files"]["model.safetensors"] if manifest_file.is_file() else None
+    return {"name": source.name, "recipe_sha256": recipe_hash(load_spec(source.name)), "weights_sha256": weights}
 
 
 def calibration_pairs(dtype: str) -> dict[str, Pair]:
@@ -49,10 +76,12 @@ def calibration_pairs(dtype: str) -> dict[str, Pair]:
             "self": Pair(hf, hf, "self")}
 
 
-def calibrate(model: str, checkpoint: Path, batch: ParityBatch, dtypes=CALIBRATION_DTYPES, log=print) -> dict:
+def calibrate(model: "ModelSource | str", checkpoint: Path, batch: ParityBatch, dtypes=CALIBRATION_DTYPES,
+              log=print) -> dict:
     """The model's floors entry: every calibration pair measured on `batch`, with what identifies the measurement."""
+    source = as_source(model)
     floors: dict[str, dict] = {}
-    with EnginePool(checkpoint) as pool:
+    with EnginePool(checkpoint, max_len=batch.max_len) as pool:
         for dtype in dtypes:
             floors[dtype] = {}
             for kind, pair in calibration_pairs(dtype).items():
@@ -62,16 +91,15 @@ def calibrate(model: str, checkpoint: Path, batch: ParityBatch, dtypes=CALIBRATI
                                        "layouts": measured.layouts}
                 log(f"{dtype:9s} {kind:6s} {pair.label:45s} max |dlogp| {measured.stats['dlogp_max']:.3g} "
                     f"({time.monotonic() - started:.1f}s)")
-    manifest_file = checkpoint / "rlparity-build.json"
-    weights = json.loads(manifest_file.read_text())["files"]["model.safetensors"] if manifest_file.is_file() else None
-    return {"command": calibrate_command(model), "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "model": {"name": model, "recipe_sha256": recipe_hash(load_spec(model)), "weights_sha256": weights},
-            "batch": batch.describe(), "k": K_PARITY, "environment": environment_fingerprint(), "floors": floors}
+    return {"command": calibrate_command(source), "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": model_identity(source, checkpoint), "batch": batch.describe(), "k": K_PARITY,
+            "environment": environment_fingerprint(), "floors": floors}
 
 
 def save_floors(entry: dict, path: Path | None = None) -> Path:
     """Writes (or replaces) the model's entry, keeping the other models' entries."""
-    path = path or floors_path()
+    path = path or (cache_root() / FLOORS_FILE if "content_sha256" in entry["model"] else floors_path())
+    path.parent.mkdir(parents=True, exist_ok=True)
     table = json.loads(path.read_text()) if path.is_file() else {}
     table[entry["model"]["name"]] = entry
     path.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
@@ -109,34 +137,43 @@ def judge(measured: PairMeasurement, tolerances: dict[str, float], bar: float | 
     return failures
 
 
-def load_floors(model: str, batch: ParityBatch, path: Path | None = None) -> NoiseFloors:
-    """The model's floors, refused unless they were measured on this model's recipe and on this batch."""
-    path = path or floors_path()
-    command = calibrate_command(model)
+def load_floors(model: "ModelSource | str", batch: ParityBatch, path: Path | None = None) -> NoiseFloors:
+    """The model's floors, refused unless they were measured on this model (a bundled model's recipe, a checkpoint's
+    content) and on this batch."""
+    source = as_source(model)
+    path = path or floors_path(source)
+    command = calibrate_command(source)
     if not path.is_file():
         raise RlparityError(f"no noise floors at {path}: measure them with `{command}`")
     try:
         table = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise RlparityError(f"{path} is not valid JSON ({exc}); re-measure with `{command}`") from exc
-    if model not in table:
-        raise RlparityError(f"{path} has no noise floors for model {model!r} (it has {sorted(table)}); measure them "
+    key = floors_key(source)
+    if key not in table:
+        if source.checkpoint is not None:
+            raise RlparityError(f"{path} has no noise floors for checkpoint {source.checkpoint} as it is now (content "
+                                f"{key}); calibrate them with `{command}`")
+        raise RlparityError(f"{path} has no noise floors for model {key!r} (it has {sorted(table)}); measure them "
                             f"with `{command}`")
-    entry = table[model]
-    recipe = recipe_hash(load_spec(model))
-    if entry["model"]["recipe_sha256"] != recipe:
-        raise RlparityError(f"{path}: the floors of {model!r} were measured on recipe {entry['model']['recipe_sha256']}"
-                            f", the model's recipe is now {recipe}; re-measure with `{command}`")
+    entry = table[key]
+    if source.checkpoint is None:
+        recipe = recipe_hash(load_spec(source.name))
+        if entry["model"]["recipe_sha256"] != recipe:
+            raise RlparityError(f"{path}: the floors of {key!r} were measured on recipe "
+                                f"{entry['model']['recipe_sha256']}, the model's recipe is now {recipe}; re-measure "
+                                f"with `{command}`")
     measured = entry["batch"]
     if measured["token_ids_sha256"] != batch.sha256:
-        raise RlparityError(f"{path}: the floors of {model!r} were measured on batch {measured['lengths']} (seed "
-                            f"{measured['seed']}, sha256 {measured['token_ids_sha256'][:12]}), not on this one "
-                            f"{batch.lengths} (seed {batch.seed}, sha256 {batch.sha256[:12]}); re-measure with "
-                            f"`{command}`")
+        raise RlparityError(f"{path}: the floors of {source.label!r} were measured on batch {measured['lengths']} "
+                            f"({measured.get('prompts') or 'seed ' + str(measured['seed'])}, sha256 "
+                            f"{measured['token_ids_sha256'][:12]}), not on this one {batch.lengths} "
+                            f"({batch.prompts or 'seed ' + str(batch.seed)}, sha256 {batch.sha256[:12]}); re-measure "
+                            f"with `{command}`")
     for dtype, kinds in entry["floors"].items():
         for kind in FLOOR_KINDS:
             missing = [m for m in AGREEMENT_METRICS if m not in kinds.get(kind, {}).get("deviations", {})]
             if missing:
-                raise RlparityError(f"{path}: the {kind!r} floor of {model!r} in {dtype} lacks {missing}; re-measure "
-                                    f"with `{command}`")
+                raise RlparityError(f"{path}: the {kind!r} floor of {source.label!r} in {dtype} lacks {missing}; "
+                                    f"re-measure with `{command}`")
     return NoiseFloors(entry, path)

@@ -76,6 +76,22 @@ PARITY_PAIRS = (
 )
 
 
+def pair_of(a: Side, b: Side) -> Pair:
+    """The pair of a trainer side and an engine side (any engines, a user's included), judged as the bundled pairs of
+    its kind are: PARITY_PAIRS' own entry, with its bar, when it is one of them; else one side against itself is a
+    'self' pair, two engines in one dtype a 'cross' pair (as hf vs vllm in float32), and sides in two dtypes a
+    'naive' pair. Either way the floor is of Pair.floor_dtype, the coarser side's dtype (the trainer's whenever the
+    engine runs in the trainer's dtype): two engines in one dtype each carry that dtype's rounding, which the cross
+    floor (hf[dtype] vs reference[dtype]) measures; with two dtypes the coarser side's rounding dominates and the
+    finer side stands for ground truth, which the naive floor (reference[dtype] vs reference[float64]) measures."""
+    for pair in PARITY_PAIRS:
+        if (pair.a, pair.b) == (a, b):
+            return pair
+    if a == b:
+        return Pair(a, b, "self")
+    return Pair(a, b, "cross" if a.dtype == b.dtype else "naive")
+
+
 @dataclass
 class PairMeasurement:
     stats: dict[str, float]  # logprob_agreement; for a self pair, of the layout that moved max |dlogp| most

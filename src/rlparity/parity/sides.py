@@ -2,10 +2,10 @@
 
     Side.parse("vllm:bf16") -> Side(engine="vllm", dtype="bfloat16"), labelled "vllm[bfloat16]"
 
-An engine that cannot run here (not installed) raises EngineUnavailable with the engine's own actionable
-reason; one that fails to start or dies raises EngineFailed with its message (for engines in a process of
-their own, that ends with the tail of the engine's log), and every later request for it gets the same error
-at once instead of a second start.
+An engine that cannot run here (not installed; a constructor that raises NotImplementedError) raises
+EngineUnavailable with the engine's own actionable reason; one that fails to start or dies raises EngineFailed with
+its message (for engines in a process of their own, that ends with the tail of the engine's log). Every later
+request for either gets the same error at once instead of a second start.
 """
 
 import contextlib
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rlparity.engines import engine_names, open_engine
+from rlparity.engines import EngineUnavailable, engine_names, open_engine
 from rlparity.engines.process import EngineProcessError
 from rlparity.errors import RlparityError
 
@@ -49,8 +49,9 @@ class Side:
     def parse(cls, text: str, default_dtype: str = "float32", options: dict | None = None) -> "Side":
         engine, _, dtype = text.partition(":")
         if engine not in known_engines():
-            raise RlparityError(f"unknown engine {engine!r} in {text!r}: expected one of {known_engines()}, "
-                                f"optionally with :dtype ({', '.join(sorted(DTYPES))})")
+            raise RlparityError(f"unknown engine {engine!r} in {text!r}: expected one of {known_engines()} (or "
+                                f"yours, given with --engine NAME=module:Class), optionally with :dtype "
+                                f"({', '.join(sorted(DTYPES))})")
         encoded = tuple(sorted((key, json.dumps(value)) for key, value in (options or {}).items()))
         return cls(engine, canonical_dtype(dtype or default_dtype), encoded)
 
@@ -87,10 +88,6 @@ def open_side(side: Side, checkpoint: Path | str, max_len: int | None = None):
     return open_engine(side.engine, checkpoint, **options)
 
 
-class EngineUnavailable(Exception):
-    """The engine cannot run on this machine; the message says what to install or where to run."""
-
-
 class EngineFailed(Exception):
     """The engine failed to start or died; the message is its error (with the engine's log tail, if it has one)."""
 
@@ -121,17 +118,23 @@ class EnginePool:
         self.max_len = max_len
         self._open: dict[Side, Guarded] = {}
         self._failed: dict[Side, str] = {}
+        self._unavailable: dict[Side, str] = {}
 
     def get(self, side: Side):
         if side in self._open:
             return self._open[side]
         if side in self._failed:
             raise EngineFailed(self._failed[side])
+        if side in self._unavailable:
+            raise EngineUnavailable(self._unavailable[side])
         reason = unavailable_reason(side.engine)
         if reason is not None:
             raise EngineUnavailable(f"{side.label}: {reason}")
         try:
             engine = open_side(side, self.checkpoint, self.max_len)
+        except EngineUnavailable as exc:
+            self._unavailable[side] = f"{side.label}: {exc}"
+            raise EngineUnavailable(self._unavailable[side]) from exc
         except Exception as exc:  # a start failure of any kind is this side's verdict, not the session's end
             self.fail(side, exc, "failed to start")
             raise EngineFailed(self._failed[side]) from exc

@@ -3,16 +3,22 @@
     rlparity routing --a hf --b vllm --model tiny
     rlparity routing --a reference --b hf --b-dtype bfloat16 --router-precision
 
-Each engine routes each sequence alone (held-out text of the bundled synthetic language). Gaps are read
-from --a's router logits: put the more precise side first. Exit status: 0 when every flip is at a
-rounding-level gap, 1 when some flip is at a large gap (a bug, not rounding), 2 on bad arguments.
+Each engine routes each sequence alone (held-out text of the bundled synthetic language; with --checkpoint DIR,
+consecutive blocks of the parity prompt set in the checkpoint's own tokenizer). Gaps are read
+from --a's router logits: put the more precise side first. Your engine is a side too when it has
+routing(token_ids): --engine mine=my_engine:MyEngine --b mine. Exit status: 0 when every flip is at a
+rounding-level gap, 1 when some flip is at a large gap (a bug, not rounding), 2 on bad arguments, 3 when
+nothing could be compared (an engine cannot run here).
 """
 
 import argparse
-from pathlib import Path
 
+from rlparity.engine_option import add_engine_argument, register_engines
 from rlparity.errors import RlparityError
+from rlparity.model_option import add_model_arguments, model_source
+from rlparity.parity.diff_command import parse_option
 from rlparity.results import FAIL, ResultStore, default_results_path
+from rlparity.tally import EXIT_NOTHING_CHECKED
 
 DEFAULT_SEQUENCES, DEFAULT_LENGTH, DEFAULT_SEED = 8, 128, 11
 
@@ -32,31 +38,27 @@ def add_routing_parser(subparsers) -> argparse.ArgumentParser:
 
     parser = subparsers.add_parser("routing", help="per-layer MoE routing agreement of two engines, near-tie census",
                                    description=__doc__.splitlines()[0])
-    parser.add_argument("--a", required=True, choices=ROUTING_ENGINES, help="first side (its logits give the gaps)")
-    parser.add_argument("--b", required=True, choices=ROUTING_ENGINES)
+    engines = f"{', '.join(ROUTING_ENGINES)}, or yours given with --engine"
+    parser.add_argument("--a", required=True, metavar="ENGINE",
+                        help=f"first side (its logits give the gaps): {engines}")
+    parser.add_argument("--b", required=True, metavar="ENGINE", help=engines)
     parser.add_argument("--a-dtype", default=None, help="e.g. float32, bfloat16, float64 (default: per engine)")
     parser.add_argument("--b-dtype", default=None)
-    parser.add_argument("--model", default="tiny", help="a bundled model name or a checkpoint folder")
+    add_model_arguments(parser, model_help="a bundled model (micro, tiny; default tiny), or a checkpoint folder as "
+                        "--checkpoint takes it")
     parser.add_argument("--sequences", type=_positive, default=DEFAULT_SEQUENCES)
     parser.add_argument("--length", type=_positive, default=DEFAULT_LENGTH, help="tokens per sequence")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the held-out text")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of a bundled model's held-out text")
+    parser.add_argument("--a-option", action="append", type=parse_option, default=[], metavar="KEY=JSON",
+                        help="constructor option of side a (repeatable), e.g. tensor_parallel_size=4 for vllm")
+    parser.add_argument("--b-option", action="append", type=parse_option, default=[], metavar="KEY=JSON",
+                        help="constructor option of side b (repeatable)")
     parser.add_argument("--router-precision", action="store_true",
                         help="also: each hf side's router alone in bf16 vs fp32 on the same hidden states")
     parser.add_argument("--results", default=None, help="JSON-lines results file")
+    add_engine_argument(parser)
     parser.set_defaults(run=routing_command)
     return parser
-
-
-def resolve_model(model: str) -> Path:
-    from rlparity.models import ensure_model, model_names
-
-    if model in model_names():
-        return ensure_model(model)
-    path = Path(model)
-    if not (path / "config.json").is_file():
-        raise RlparityError(f"--model {model!r} is neither a bundled model ({', '.join(model_names())}) nor a "
-                            f"checkpoint folder with a config.json")
-    return path
 
 
 def held_out_sequences(vocab_size: int, count: int, length: int, seed: int) -> list[list[int]]:
@@ -65,23 +67,46 @@ def held_out_sequences(vocab_size: int, count: int, length: int, seed: int) -> l
     return next(Language(vocab_size, seed=0).batches(seed=seed, batch=count, seq_len=length))
 
 
+def prompt_set_sequences(source, count: int, length: int) -> list[list[int]]:
+    """`count` consecutive blocks of `length` tokens of the checkpoint's parity prompt set, texts end to end."""
+    from rlparity.parity.batch import parity_batch
+
+    stream = [token for sequence in parity_batch(source).token_ids for token in sequence]
+    if count * length > len(stream):
+        raise RlparityError(f"routing: {count} sequences of {length} tokens need {count * length} tokens; the parity "
+                            f"prompt set is {len(stream)} tokens in the tokenizer of {source.checkpoint}: ask for "
+                            f"fewer --sequences or a shorter --length")
+    return [stream[i * length:(i + 1) * length] for i in range(count)]
+
+
 def routing_command(args) -> int:
+    from rlparity.engines import EngineUnavailable
     from rlparity.engines.base import process_versions
-    from rlparity.models import open_checkpoint
     from rlparity.routing.agreement import coarser_dtype, compare_routing
     from rlparity.routing.checks import agreement_record, precision_record
-    from rlparity.routing.engines import engine_routes, open_routing_engine
+    from rlparity.routing.engines import engine_routes, open_routing_engine, require_routing_engine
     from rlparity.routing.precision import router_precision
     from rlparity.routing.report import agreement_table, census_table
 
-    checkpoint = resolve_model(args.model)
-    config = open_checkpoint(checkpoint).config
-    sequences = held_out_sequences(config["vocab_size"], args.sequences, args.length, args.seed)
-    shapes = {"sequences": args.sequences, "length": args.length, "seed": args.seed}
+    register_engines(args.engine)
+    for name in (args.a, args.b):
+        require_routing_engine(name)
+    source = model_source(args)
+    if source.checkpoint is None:
+        sequences = held_out_sequences(source.config()["vocab_size"], args.sequences, args.length, args.seed)
+    else:
+        sequences = prompt_set_sequences(source, args.sequences, args.length)
+    checkpoint = source.folder()
+    shapes = {"sequences": args.sequences, "length": args.length, "seed": args.seed, "model": source.label}
+    options = (dict(args.a_option), dict(args.b_option))
     results, engines = [], []
     try:
-        for name, dtype in ((args.a, args.a_dtype), (args.b, args.b_dtype)):
-            engines.append(open_routing_engine(name, checkpoint, dtype, max_len=args.length))
+        for name, dtype, side_options in zip((args.a, args.b), (args.a_dtype, args.b_dtype), options):
+            try:
+                engines.append(open_routing_engine(name, checkpoint, dtype, max_len=args.length, **side_options))
+            except EngineUnavailable as exc:
+                print(f"skipped: {exc}\nnothing was checked for routing {args.a} vs {args.b}")
+                return EXIT_NOTHING_CHECKED
         a, b = engines
         names = (a.name, b.name) if a.name != b.name else (f"{a.name} (a)", f"{b.name} (b)")
         comparison = compare_routing(engine_routes(a, sequences), engine_routes(b, sequences),

@@ -5,6 +5,7 @@
     python -m rlparity.trainer.cli train --steps 5   # the same without the top-level command
     torchrun --nproc-per-node 2 -m rlparity.trainer.cli train --prompts 16   # FSDP2 over 2 gloo ranks
     rlparity train --fsdp 2                          # the same: re-launches itself under torchrun
+    rlparity train --model tiny --checkpoint DIR     # start from your checkpoint (a fine-tune of tiny: same tokenizer)
 
 Prints a progress line per step, writes every step's metrics (and the reward on held-out tasks before and
 after) to a JSON-lines results file, and plots them (PNG with matplotlib, else the HTML dashboard).
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 from rlparity.errors import RlparityError
+from rlparity.model_option import add_checkpoint_argument
 from rlparity.results import ResultStore, default_results_path
 from rlparity.trainer.config import ALGOS, ENGINES, OLD_LOGPROB, VLLM_SYNCS, TrainConfig
 from rlparity.trainer.losses import CORRECTIONS
@@ -36,8 +38,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--vllm-sync", choices=VLLM_SYNCS, default=defaults.vllm_sync,
                         help="weights into the vllm engine after each step: in place (0.5 s on tiny) or by a restart "
                              "on a checkpoint (11 s)")
-    parser.add_argument("--model", default=defaults.model, help="bundled model the SFT warm start is built from")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="start from this checkpoint instead")
+    parser.add_argument("--model", default=defaults.model, help="bundled model the SFT warm start is built from; its "
+                        "synthetic language is the tool task's")
+    add_checkpoint_argument(parser, help="start from this GPT-OSS checkpoint folder instead (config.json, "
+                            "safetensors, tokenizer.json); its tokenizer must be --model's, the task's language")
     parser.add_argument("--prompts", type=int, default=defaults.prompts_per_step, help="prompts per step")
     parser.add_argument("--group", type=int, default=defaults.group, help="samples per prompt")
     parser.add_argument("--mini-batches", type=int, default=None, help="default: 1 for grpo, 2 for ppo")
@@ -126,8 +130,15 @@ def _train(args) -> int:
     if distributed.active():
         distributed.check_split(config.prompts_per_step, config.group, config.resolved_mini_batches,
                                 distributed.world_size())
-    # Every rank takes the same SFT checkpoint: the first builds it under a file lock, the others wait and reuse it.
-    checkpoint = args.checkpoint or sft_checkpoint(config.model, log=lambda line: print(line, file=sys.stderr))
+    if args.checkpoint is not None:
+        from rlparity.models import validate_checkpoint
+        from rlparity.models.user import require_language_tokenizer
+
+        checkpoint = validate_checkpoint(args.checkpoint)
+        require_language_tokenizer(checkpoint, config.model)
+    else:
+        # Every rank takes the same SFT checkpoint: the first builds it under a file lock, the others wait for it.
+        checkpoint = sft_checkpoint(config.model, log=lambda line: print(line, file=sys.stderr))
     store = ResultStore(args.results or default_results_path("train"))  # written by rank 0 alone
     summary = train_run(config, checkpoint, store, evaluate=args.eval_prompts > 0, sampler_factory=open_sampler)
     if distributed.rank() != 0:
