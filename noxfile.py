@@ -121,4 +121,4 @@ def calibrate(session):
 @nox.session
 def lint(session):
     session.install("ruff")
-    session.run("ruff", "check", "src", "tests", "conformance", "benchmarks", "noxfile.py", *session.posargs)
+    session.run("ruff", "check", "src", "tests", "conformance", "benchmarks", "docs", "noxfile.py", *session.posargs)

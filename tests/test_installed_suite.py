@@ -79,11 +79,13 @@ def run_suite(installed, *args):
 
 def test_the_wheel_is_what_runs(installed):
     python, work = installed
-    where = subprocess.check_output([python, "-c", "import rlparity.conformance, rlparity.models.specs as s; "
-                                     "print(rlparity.conformance.__file__); print(s.models_dir())"],
+    where = subprocess.check_output([python, "-c", "import rlparity.conformance, rlparity.models.specs as s, "
+                                     "rlparity.parity.batch as b; print(rlparity.conformance.__file__); "
+                                     "print(s.models_dir()); print(b.prompts_path())"],
                                     cwd=work, text=True).split()
     assert all(str(REPOSITORY) not in path for path in where), where
     assert all(str(python.parents[1]) in path for path in where), where
+    assert all(Path(path).exists() for path in where), where  # the suite, the model configs, the prompt set
 
 
 def test_user_kernel_passes_from_outside_the_repository(installed):

@@ -21,10 +21,10 @@ import sys
 
 from rlparity.errors import RlparityError
 from rlparity.memory.cli import add_memory_parser
-from rlparity.parallel.check_command import add_sequence_parallel_parser
 from rlparity.parity.check_command import add_check_parity_parser
 from rlparity.parity.diff_command import add_diff_parser
 from rlparity.routing.cli import add_routing_parser
+from rlparity.sequence_parallel_command import add_sequence_parallel_parser
 from rlparity.trainer.cli import add_train_parser
 
 

@@ -13,13 +13,9 @@ or input error; 3: nothing was checked for an implementation (every cell skipped
 import os
 from dataclasses import replace
 
-import torch
-
-from rlparity.attention.cases import DTYPES_BY_NAME
+# Only the standard library and rlparity's light modules until the command runs: the `rlparity` command builds
+# every subcommand's parser, and torch loads only for the one that runs.
 from rlparity.errors import RlparityError
-from rlparity.parallel.check import SP_CASES, SP_CASES_BY_NAME, SP_DTYPES, MeasureGroup, to_records
-from rlparity.parallel.interface import IMPLEMENTATIONS, get_implementation
-from rlparity.parallel.launch import COLLECTIVE_TIMEOUT_S
 from rlparity.results import ERROR, FAIL, PASS, SKIP, ResultStore, default_results_path
 from rlparity.tally import Tally
 
@@ -31,18 +27,19 @@ def add_sequence_parallel_parser(checks) -> None:
     parser = checks.add_parser("sequence-parallel", help="a sequence-parallel attention on several ranks against "
                                "the float64 reference on the whole sequence")
     parser.add_argument("--impl", action="append", required=True,
-                        help=f"{' or '.join(IMPLEMENTATIONS)} or module:function (repeatable)")
+                        help="ulysses, ring or module:function (repeatable)")
     parser.add_argument("--world", action="append", type=int, default=None,
                         help="ranks in the process group (repeatable; default: 1, 2 and 4)")
     parser.add_argument("--inner", default=None,
                         help="attention backend for the per-rank kernel of implementations that take `inner` "
                              "(rlparity's own: default chunked)")
-    parser.add_argument("--case", default="", help=f"comma-separated: {', '.join(SP_CASES_BY_NAME)} (default: all)")
-    parser.add_argument("--dtype", default=",".join(SP_DTYPES), help="comma-separated: fp32, bf16, fp16, fp64")
+    parser.add_argument("--case", default="", help="comma-separated sequence-parallel case names (default: all)")
+    parser.add_argument("--dtype", default=None, help="comma-separated: fp32, bf16, fp16, fp64 (default: fp32,bf16)")
     parser.add_argument("--process-group", choices=("auto", "gloo", "nccl"), default="auto",
                         help="auto: nccl where there is a GPU per rank, else gloo on the CPU")
-    parser.add_argument("--timeout", type=float, default=COLLECTIVE_TIMEOUT_S,
-                        help="seconds a rank waits for its peers in a collective before the case errors")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds a rank waits for its peers in a collective before the case errors "
+                             "(default: rlparity.parallel.launch.COLLECTIVE_TIMEOUT_S)")
     parser.add_argument("--results", default=None, help="JSON-lines results file")
     parser.set_defaults(run=run)
 
@@ -56,6 +53,8 @@ def _names(text: str, table: dict, what: str) -> list[str]:
 
 
 def _process_group(choice: str, world: int) -> str:
+    import torch
+
     if choice == "auto":
         return "nccl" if torch.cuda.device_count() >= world else "gloo"
     return choice
@@ -94,14 +93,22 @@ class _Tally(Tally):
 
 
 def run(args) -> int:
+    import torch
+
+    from rlparity.attention.cases import DTYPES_BY_NAME
+    from rlparity.parallel.check import SP_CASES, SP_CASES_BY_NAME, SP_DTYPES, MeasureGroup, to_records
+    from rlparity.parallel.interface import get_implementation
+    from rlparity.parallel.launch import COLLECTIVE_TIMEOUT_S
+
     worlds = args.world or list(DEFAULT_WORLDS)
     if any(world < 1 for world in worlds):
         raise RlparityError(f"--world counts ranks and must be >= 1, got {worlds}")
-    if args.timeout <= 0:
-        raise RlparityError(f"--timeout is in seconds and must be > 0, got {args.timeout}")
+    timeout = COLLECTIVE_TIMEOUT_S if args.timeout is None else args.timeout
+    if timeout <= 0:
+        raise RlparityError(f"--timeout is in seconds and must be > 0, got {timeout}")
     implementations = [get_implementation(target, args.inner) for target in args.impl]
     cases = [case.name for case in SP_CASES] if not args.case else _names(args.case, SP_CASES_BY_NAME, "case")
-    dtypes = _names(args.dtype, DTYPES_BY_NAME, "dtype")
+    dtypes = _names(args.dtype or ",".join(SP_DTYPES), DTYPES_BY_NAME, "dtype")
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # an inner Triton kernel runs interpreted on the CPU
     store = ResultStore(args.results or default_results_path("check-sequence-parallel"))
@@ -112,7 +119,7 @@ def run(args) -> int:
           f"{'tolerance':>10}  verdict", flush=True)
     for world in worlds:
         process_group = _process_group(args.process_group, world)
-        group = MeasureGroup(world, backend=process_group, collective_timeout_s=args.timeout)
+        group = MeasureGroup(world, backend=process_group, collective_timeout_s=timeout)
         try:
             for implementation in implementations:
                 for case in cases:
