@@ -87,3 +87,23 @@ def test_a_query_that_sees_nothing_attends_only_to_the_sink():
     out, lse = sink_attention(q, k, v, sinks)  # bottom-right: the first two queries see no key
     assert torch.equal(out[:, :, :2], torch.zeros_like(out[:, :, :2]))
     assert torch.allclose(lse[:, :, :2], sinks.reshape(1, -1, 1).expand(1, 2, 2))
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_query_key_pair_is_each_sequence_alone_bottom_right(window):
+    """Decode/extend batches (cu_seqlens as a (q, k) pair) equal running each sequence on its own, its queries the
+    last of its keys (the unpacked bottom-right rule), concatenated."""
+    queries, keys = (1, 4, 3, 1), (9, 4, 7, 1)
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, sum(queries), 16, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, 2, sum(keys), 16, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, 2, sum(keys), 16, generator=gen, dtype=torch.float64)
+    sinks = torch.randn(4, generator=gen, dtype=torch.float64)
+    offsets = lambda lengths: torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)  # noqa: E731
+    cu_q, cu_k = offsets(queries), offsets(keys)
+    out, lse = sink_attention(q, k, v, sinks, window=window, cu_seqlens=(cu_q, cu_k))
+    for i in range(len(queries)):
+        qs, ks = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
+        alone_out, alone_lse = sink_attention(q[:, :, qs], k[:, :, ks], v[:, :, ks], sinks, window=window)
+        torch.testing.assert_close(out[:, :, qs], alone_out, rtol=0, atol=FLOAT64_GRAD_ATOL)
+        torch.testing.assert_close(lse[:, :, qs], alone_lse, rtol=0, atol=FLOAT64_GRAD_ATOL)

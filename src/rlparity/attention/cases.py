@@ -26,6 +26,9 @@ class Case:
     causal: bool = True
     window: int | None = None
     seqlens: tuple[int, ...] | None = None  # packed sequences (batch 1, seq_q = sum)
+    # keys per packed sequence when its queries are only the last of them (decode, extend on a cached prefix):
+    # cu_seqlens is then the pair (cu_seqlens_q, cu_seqlens_k) and seq_k = sum
+    seqlens_k: tuple[int, ...] | None = None
     sinks: tuple[float, ...] | None = None  # explicit sink logits; random N(0, 1) otherwise
     scale: float | None = None
 
@@ -38,11 +41,20 @@ class Case:
             "batch": self.batch, "heads_q": self.heads_q, "heads_kv": self.heads_kv, "seq_q": self.seq_q,
             "seq_k": self.keys, "head_dim": self.head_dim, "causal": self.causal, "window": self.window,
             "seqlens": list(self.seqlens) if self.seqlens else None, "scale": self.scale,
-        }
+        } | ({"seqlens_k": list(self.seqlens_k)} if self.seqlens_k else {})
 
 
 def _packed(name, seqlens, **kw) -> Case:
     return Case(name, batch=1, seq_q=sum(seqlens), seqlens=tuple(seqlens), **kw)
+
+
+def _cached(name, queries, keys, **kw) -> Case:
+    """Packed sequences whose queries are the last `queries[i]` of their `keys[i]` keys: what inference runs."""
+    return Case(name, batch=1, seq_q=sum(queries), seq_k=sum(keys), seqlens=tuple(queries), seqlens_k=tuple(keys),
+                **kw)
+
+
+PAGE = 16  # the paged engines' usual page size: the inference cases cross its boundaries
 
 
 CASES = (
@@ -60,6 +72,15 @@ CASES = (
     Case("sink_extremes", heads_q=4, heads_kv=2, seq_q=24, sinks=(12.0, -20.0, 0.5, -1.0)),
     Case("scale", seq_q=24, scale=0.35),
     Case("bidirectional", seq_q=24, causal=False),
+    # Inference shapes: a batch of sequences of different lengths in one call, each sequence's queries the last
+    # of its keys. Key lengths cross page boundaries (37 = 2 pages + 5, 17 = 1 page + 1) and sit on one (16).
+    _cached("decode_batch", (1, 1, 1, 1), (37, 5, 16, 17)),
+    _cached("decode_batch_window", (1, 1, 1, 1), (37, 5, 16, 17), window=WINDOW),  # 37: the window spans 2 pages
+    # New tokens on cached prefixes (chunked prefill): 5 on 35, a whole prompt with no cache, 1 on 22, 9 on 24.
+    _cached("extend", (5, 16, 1, 9), (40, 16, 23, 33)),
+    _cached("extend_window", (5, 16, 1, 9), (40, 16, 23, 33), window=8),
+    # Long enough that split-KV decoders cut each sequence into several segments.
+    _cached("decode_long", (1, 1), (300, 1030)),
 )
 # GPT-OSS-sized cases (64 query heads, 8 KV heads, window 128) that run many tiles of a flash kernel's
 # real CUDA block configuration, which the small cases never reach. Run on CUDA only: their float64
@@ -83,7 +104,7 @@ class Inputs:
     sinks: torch.Tensor
     dout: torch.Tensor
     dlse: torch.Tensor
-    cu_seqlens: torch.Tensor | None
+    cu_seqlens: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
 
     def tensors(self):
         return self.q, self.k, self.v, self.sinks
@@ -109,11 +130,17 @@ def make_inputs(case: Case, dtype: torch.dtype, device: torch.device | str = "cp
     dlse = normal(case.batch, case.heads_q, case.seq_q)
     cu_seqlens = None
     if case.seqlens is not None:
-        offsets = [0]
-        for length in case.seqlens:
-            offsets.append(offsets[-1] + length)
-        cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=device)
+        cu_seqlens = _offsets(case.seqlens, device)
+        if case.seqlens_k is not None:
+            cu_seqlens = (cu_seqlens, _offsets(case.seqlens_k, device))
     return Inputs(q, k, v, sinks, dout, dlse, cu_seqlens)
+
+
+def _offsets(lengths, device) -> torch.Tensor:
+    offsets = [0]
+    for length in lengths:
+        offsets.append(offsets[-1] + length)
+    return torch.tensor(offsets, dtype=torch.int32, device=device)
 
 
 def attend_kwargs(case: Case, inputs: Inputs) -> dict:

@@ -8,24 +8,17 @@ FlashAttention.
 
 import torch
 
-from rlparity.reference.attention import default_scale, sequence_ids, visibility
+from rlparity.attention.contract import split_cu_seqlens
+from rlparity.reference.attention import default_scale, query_key_positions, visibility
 
 BLOCK_K = 64
 
 
-def _positions(seq_q, seq_k, cu_seqlens, device):
-    k_pos = torch.arange(seq_k, device=device)
-    q_pos = torch.arange(seq_k - seq_q, seq_k, device=device)
-    docs = None
-    if cu_seqlens is not None:
-        doc_k = sequence_ids(cu_seqlens.to(device), seq_k)
-        docs = (doc_k[seq_k - seq_q :], doc_k)
-    return q_pos, k_pos, docs
-
-
 def _blocks(seq_q, seq_k, causal, window, cu_seqlens, device, block):
-    """Yield (key slice, visibility [Sq, block]) for every key block with at least one visible key."""
-    q_pos, k_pos, docs = _positions(seq_q, seq_k, cu_seqlens, device)
+    """Yield (key slice, visibility [Sq, block]) for every key block with at least one visible key.
+
+    Query positions never decrease (packed sequences lie in order), so the first and last query bound them."""
+    q_pos, k_pos, docs = query_key_positions(seq_q, seq_k, cu_seqlens, device)
     for start in range(0, seq_k, block):
         stop = min(start + block, seq_k)
         if causal and start > q_pos[-1]:
@@ -44,7 +37,8 @@ def _acc_dtype(dtype):
 
 class ChunkedSinkAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sinks, causal, window, scale, cu_seqlens, block):
+    def forward(ctx, q, k, v, sinks, causal, window, scale, cu_q, cu_k, block):
+        cu_seqlens = None if cu_q is None else (cu_q, cu_k)
         batch, heads_q, seq_q, head_dim = q.shape
         heads_kv, seq_k = k.shape[1], k.shape[2]
         groups = heads_q // heads_kv
@@ -66,13 +60,14 @@ class ChunkedSinkAttention(torch.autograd.Function):
             running_max = new_max
         out = (acc / running_sum[..., None]).to(q.dtype).reshape(batch, heads_q, seq_q, head_dim)
         lse = (running_max + torch.log(running_sum)).reshape(batch, heads_q, seq_q)
-        ctx.save_for_backward(q, k, v, sinks, out, lse, cu_seqlens)
+        ctx.save_for_backward(q, k, v, sinks, out, lse, cu_q, cu_k)
         ctx.options = (causal, window, scale, block)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, sinks, out, lse, cu_seqlens = ctx.saved_tensors
+        q, k, v, sinks, out, lse, cu_q, cu_k = ctx.saved_tensors
+        cu_seqlens = None if cu_q is None else (cu_q, cu_k)
         causal, window, scale, block = ctx.options
         batch, heads_q, seq_q, head_dim = q.shape
         heads_kv, seq_k = k.shape[1], k.shape[2]
@@ -103,9 +98,10 @@ class ChunkedSinkAttention(torch.autograd.Function):
         p_sink = torch.exp(sinks.to(acc_dtype).reshape(1, heads_kv, groups, 1) - lse_g)
         dsinks = (p_sink * (dlse_g - row_dot)).sum(dim=(0, 3)).reshape(heads_q)
         dq = dq.reshape(q.shape).to(q.dtype)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), dsinks.to(sinks.dtype), None, None, None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), dsinks.to(sinks.dtype), None, None, None, None, None, None
 
 
 def attend(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None, block=BLOCK_K):
     scale = default_scale(q.shape[-1]) if scale is None else scale
-    return ChunkedSinkAttention.apply(q, k, v, sinks, causal, window, scale, cu_seqlens, block)
+    cu_q, cu_k = (None, None) if cu_seqlens is None else split_cu_seqlens(cu_seqlens)
+    return ChunkedSinkAttention.apply(q, k, v, sinks, causal, window, scale, cu_q, cu_k, block)

@@ -35,13 +35,53 @@ def check_inputs(q, k, v, sinks, *, window=None, cu_seqlens=None, where="attenti
     if cu_seqlens is not None:
         if batch != 1:
             raise RlparityError(f"{where}: packed input (cu_seqlens) needs batch == 1, got batch {batch}")
-        if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-            raise RlparityError(f"{where}: cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} "
-                                f"of shape {tuple(cu_seqlens.shape)}")
-        total = int(cu_seqlens[-1])
-        if int(cu_seqlens[0]) != 0 or total != q.shape[2] or total != k.shape[2]:
-            raise RlparityError(f"{where}: cu_seqlens must run from 0 to the token count {q.shape[2]}, "
-                                f"got {cu_seqlens.tolist()}")
+        check_cu_seqlens(cu_seqlens, q.shape[2], k.shape[2], where=where)
+
+
+def split_cu_seqlens(cu_seqlens) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cu_seqlens_q, cu_seqlens_k): a pair as given, or one tensor for both (queries and keys share positions)."""
+    if isinstance(cu_seqlens, (tuple, list)):
+        return cu_seqlens[0], cu_seqlens[1]
+    return cu_seqlens, cu_seqlens
+
+
+def is_query_key_pair(cu_seqlens) -> bool:
+    """Whether cu_seqlens gives queries and keys their own offsets (decode, extend on a cached prefix)."""
+    return isinstance(cu_seqlens, (tuple, list))
+
+
+def refuse_query_key_pair(cu_seqlens, backend: str, why: str) -> None:
+    """NotImplementedError (a skip in the matrix) for a backend that takes no per-sequence query offsets."""
+    if is_query_key_pair(cu_seqlens):
+        raise NotImplementedError(f"{backend} takes no (cu_seqlens_q, cu_seqlens_k) pair (decode and extend "
+                                  f"batches): {why}")
+
+
+def check_cu_seqlens(cu_seqlens, total_q: int, total_k: int, *, where: str) -> None:
+    if isinstance(cu_seqlens, (tuple, list)) and len(cu_seqlens) != 2:
+        raise RlparityError(f"{where}: cu_seqlens must be one tensor or a pair (cu_seqlens_q, cu_seqlens_k), "
+                            f"got {len(cu_seqlens)} items")
+    pair = is_query_key_pair(cu_seqlens)
+    for label, offsets, total in zip(("cu_seqlens_q", "cu_seqlens_k") if pair else ("cu_seqlens", "cu_seqlens"),
+                                     split_cu_seqlens(cu_seqlens), (total_q, total_k)):
+        if not isinstance(offsets, torch.Tensor) or offsets.dtype != torch.int32 or offsets.dim() != 1:
+            got = f"{offsets.dtype} of shape {tuple(offsets.shape)}" if isinstance(offsets, torch.Tensor) else \
+                type(offsets).__name__
+            raise RlparityError(f"{where}: {label} must be a 1-D int32 tensor, got {got}")
+        if offsets.numel() < 2 or int(offsets[0]) != 0 or int(offsets[-1]) != total:
+            raise RlparityError(f"{where}: {label} must run from 0 to the token count {total}, "
+                                f"got {offsets.tolist()}")
+        if bool((offsets[1:] < offsets[:-1]).any()):
+            raise RlparityError(f"{where}: {label} must not decrease, got {offsets.tolist()}")
+    cu_q, cu_k = split_cu_seqlens(cu_seqlens)
+    if pair:
+        if cu_q.numel() != cu_k.numel():
+            raise RlparityError(f"{where}: cu_seqlens_q and cu_seqlens_k must describe the same sequences, got "
+                                f"{cu_q.numel() - 1} and {cu_k.numel() - 1}")
+        q_lens, k_lens = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
+        if bool((q_lens > k_lens).any()):
+            raise RlparityError(f"{where}: a sequence has more queries than keys (queries are the last of its keys): "
+                                f"query lengths {q_lens.tolist()}, key lengths {k_lens.tolist()}")
 
 
 def check_outputs(result, q, *, where: str, lse_optional: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -9,6 +9,7 @@ path builds (q.k * scaling + mask, with the sink column), in the input dtype.
 import torch
 from torch import nn
 
+from rlparity.attention.contract import refuse_query_key_pair
 from rlparity.reference.attention import sequence_ids
 
 
@@ -43,6 +44,7 @@ def transformers_mask(batch, seq_q, seq_k, *, causal, window, cu_seqlens, dtype,
 def attend(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None):
     from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward, repeat_kv
 
+    refuse_query_key_pair(cu_seqlens, "eager", "transformers' masks give every query of a batch one offset")
     batch, heads_q, seq_q, head_dim = q.shape
     scaling = head_dim**-0.5 if scale is None else scale
     groups = heads_q // k.shape[1]

@@ -28,7 +28,7 @@ import inspect
 
 import torch
 
-from rlparity.attention.contract import check_inputs
+from rlparity.attention.contract import check_inputs, refuse_query_key_pair
 from rlparity.attention.registry import AVAILABLE
 from rlparity.errors import RlparityError
 from rlparity.reference.attention import default_scale
@@ -76,6 +76,8 @@ def _sink_parameter(fn) -> str | None:
 
 def _check(q, k, v, sinks, window, cu_seqlens, where):
     check_inputs(q, k, v, sinks, window=window, cu_seqlens=cu_seqlens, where=where)
+    refuse_query_key_pair(cu_seqlens, where, "the builds take cu_seqlens_q and cu_seqlens_k, but the adapter passes "
+                          "one offset tensor for both; not wired until it can be run on a GPU")
     _check_build_limits(q, where)
 
 

@@ -11,7 +11,7 @@ from the same visibility rule as the reference. On CPU torch runs flex uncompile
 import torch
 
 from rlparity.attention.registry import AVAILABLE
-from rlparity.reference.attention import default_scale, sequence_ids
+from rlparity.reference.attention import default_scale, query_key_positions
 
 
 def probe(device: torch.device) -> str:
@@ -29,18 +29,17 @@ def backward_probe(device: torch.device) -> str:
 
 
 def _mask_mod(seq_q, seq_k, causal, window, cu_seqlens, device):
-    offset = seq_k - seq_q
-    docs = None if cu_seqlens is None else sequence_ids(cu_seqlens.to(device), seq_k)
+    q_positions, _, docs = query_key_positions(seq_q, seq_k, cu_seqlens, device)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        q_pos = q_idx + offset
+        q_pos = q_positions[q_idx]
         visible = kv_idx >= 0
         if causal:
             visible = visible & (kv_idx <= q_pos)
         if window is not None:
             visible = visible & (kv_idx > q_pos - window)
         if docs is not None:
-            visible = visible & (docs[q_pos] == docs[kv_idx])
+            visible = visible & (docs[0][q_idx] == docs[1][kv_idx])
         return visible
 
     return mask_mod

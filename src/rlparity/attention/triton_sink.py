@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlparity.attention.contract import check_inputs
+from rlparity.attention.contract import check_inputs, refuse_query_key_pair
 from rlparity.attention.registry import AVAILABLE
 from rlparity.errors import RlparityError
 from rlparity.reference.attention import default_scale
@@ -310,6 +310,7 @@ def attend(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=N
     `config` overrides the tile sizes of `block_config(device, head_dim, dtype)`, e.g. for a benchmark.
     """
     check_inputs(q, k, v, sinks, window=window, cu_seqlens=cu_seqlens, where="triton sink attention")
+    refuse_query_key_pair(cu_seqlens, "triton", "its varlen kernels align each sequence's queries with its keys")
     kernels = _kernels()
     _check_supported(q, k, v, sinks, kernels)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)

@@ -21,22 +21,33 @@ def visible_keys(
     *,
     causal: bool = True,
     window: int | None = None,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens=None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Boolean [seq_q, seq_k]: may query i see key j?
 
     Queries are the last seq_q positions (bottom-right alignment). A query at absolute position p sees
     key j when j <= p (causal) and p - window < j (the GPT-OSS window counts the current token).
-    With cu_seqlens, queries and keys share the packed positions and never cross a sequence boundary.
+    With cu_seqlens, queries and keys never cross a sequence boundary: one tensor of offsets when queries
+    and keys share the packed positions, or a pair (cu_seqlens_q, cu_seqlens_k) when each sequence's
+    queries are the last of its keys (decode, extend on a cached prefix).
     """
-    k_pos = torch.arange(seq_k, device=device)
-    q_pos = k_pos[seq_k - seq_q :] if seq_k >= seq_q else torch.arange(seq_k - seq_q, seq_k, device=device)
-    docs = None
-    if cu_seqlens is not None:
-        doc_k = sequence_ids(cu_seqlens.to(device), seq_k)
-        docs = (doc_k[seq_k - seq_q :], doc_k)
+    q_pos, k_pos, docs = query_key_positions(seq_q, seq_k, cu_seqlens, device)
     return visibility(q_pos, k_pos, causal=causal, window=window, docs=docs)
+
+
+def query_key_positions(seq_q: int, seq_k: int, cu_seqlens=None, device: torch.device | str = "cpu"):
+    """(absolute query positions [Sq], key positions [Sk], (query, key) sequence ids or None) in the key index."""
+    k_pos = torch.arange(seq_k, device=device)
+    if cu_seqlens is None:
+        q_pos = k_pos[seq_k - seq_q :] if seq_k >= seq_q else torch.arange(seq_k - seq_q, seq_k, device=device)
+        return q_pos, k_pos, None
+    cu_q, cu_k = cu_seqlens if isinstance(cu_seqlens, (tuple, list)) else (cu_seqlens, cu_seqlens)
+    cu_q, cu_k = cu_q.to(device=device, dtype=torch.int64), cu_k.to(device=device, dtype=torch.int64)
+    doc_q, doc_k = sequence_ids(cu_q, seq_q), sequence_ids(cu_k, seq_k)
+    # query t of sequence i sits at key position cu_k[i+1] - (cu_q[i+1] - t): the last q_len_i of its keys
+    q_pos = cu_k[doc_q + 1] - (cu_q[doc_q + 1] - torch.arange(seq_q, device=device))
+    return q_pos, k_pos, (doc_q, doc_k)
 
 
 def visibility(q_pos, k_pos, *, causal=True, window=None, docs=None) -> torch.Tensor:
