@@ -233,6 +233,10 @@ class WorkerGroup:
                     first_failure_at = first_failure_at or time.monotonic()
         if not failed_in_order and not pending:
             return [values[r] for r in range(self.world_size)]
+        # A rank that died is the likelier cause even when a peer's error (its connection reset by the dead rank)
+        # reached us first: on a loaded machine the exit is noticed a polling round later. Ranks die by a crash or
+        # a kill, never as the consequence of a peer's Python exception.
+        failed_in_order.sort(key=lambda rank: rank not in exits)
         # All ranks reporting input errors (each raised before an unmatched collective) leave the group usable.
         reusable = not exits and not pending and all(f.input_error for f in failures.values())
         error = self._failure_error(what, failed_in_order, failures, exits, pending, timeout_s)
