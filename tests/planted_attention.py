@@ -6,6 +6,7 @@ Run one against the suite:  pytest conformance --attention-backend tests.planted
 
 import torch
 
+from rlparity.attention.paged import paged_layout, scatter_to_pages, token_batch
 from rlparity.reference import sink_attention, sink_attention_backward
 from rlparity.reference.attention import masked_scores
 
@@ -143,3 +144,28 @@ def backward_raises(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_
     """Correct forward; a backward that crashes (not a declared gap): an error of the backward cells only."""
     options = {"causal": causal, "window": window, "scale": scale, "cu_seqlens": cu_seqlens}
     return _BackwardRaises.apply(q, k, v, sinks, options)
+
+
+# ------------------------------------------------------------------------ paged kernels
+
+PLANTED_PAGE_SIZE = 16
+
+
+@torch.no_grad()
+def paged_wrong_page(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None):
+    """Paged attention in plain torch, forward-only, whose gather reads page p of a sequence through block-table
+    entry p - 1: right while a sequence fits in one page, wrong from its first page boundary on."""
+    batch = token_batch(q, k, v, cu_seqlens)
+    layout = paged_layout(batch.k_lens, PLANTED_PAGE_SIZE)
+    pools = scatter_to_pages(batch.k, layout), scatter_to_pages(batch.v, layout)
+    gathered = ([], [])
+    for i, length in enumerate(batch.k_lens):
+        positions = torch.arange(length)
+        entries = (positions // PLANTED_PAGE_SIZE - 1).clamp(min=0)  # the planted bug: should be positions // size
+        pages = layout.block_table[i, entries].long()
+        for pool, tokens in zip(pools, gathered):
+            tokens.append(pool[pages, positions % PLANTED_PAGE_SIZE])
+    batch_size, heads_kv, seq_k, head_dim = k.shape
+    k_read, v_read = (torch.cat(tokens).reshape(batch_size, seq_k, heads_kv, head_dim).transpose(1, 2)
+                      for tokens in gathered)
+    return _exact(q, k_read, v_read, sinks, causal=causal, window=window, scale=scale, cu_seqlens=cu_seqlens)

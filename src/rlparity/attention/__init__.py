@@ -7,7 +7,7 @@ A new backend is one module plus one `register` line here.
 
 import torch
 
-from rlparity.attention import flash, flex, triton_sink
+from rlparity.attention import flash, flex, sglang_triton, triton_sink, vllm_triton
 from rlparity.attention.registry import (
     AVAILABLE,
     Backend,
@@ -41,5 +41,25 @@ register(Backend("vllm_fa3", "rlparity.attention.flash:attend_vllm_fa3",
 register(Backend("fa4", "rlparity.attention.flash:attend_fa4",
                  "FlashAttention 4 (flash_attn.cute, sm90/sm100), sinks as learnable_sink",
                  probe=flash.probe_fa4, backward_probe=flash.backward_probe_fa4, dtypes=_FLASH_DTYPES, gpu_only=True))
+register(Backend("sglang_p1_extend", "rlparity.attention.sglang_triton:attend_extend_p1",
+                 "SGLang's Triton extend_attention_fwd (sinks, lse_extend): new tokens on prefixes in its token pool, "
+                 "page size 1, forward only", probe=sglang_triton.probe, backward_probe=sglang_triton.probe))
+register(Backend("sglang_p16_extend", "rlparity.attention.sglang_triton:attend_extend_p16",
+                 "SGLang's Triton extend_attention_fwd as sglang_p1_extend, pages of 16 slots",
+                 probe=sglang_triton.probe, backward_probe=sglang_triton.probe))
+register(Backend("sglang_p1_decode", "rlparity.attention.sglang_triton:attend_decode_p1",
+                 "SGLang's Triton decode_attention_fwd (sinks): split-KV decode and its reduce stage, one query per "
+                 "sequence, page size 1, forward only, no lse", probe=sglang_triton.probe,
+                 backward_probe=sglang_triton.probe))
+register(Backend("sglang_p16_decode", "rlparity.attention.sglang_triton:attend_decode_p16",
+                 "SGLang's Triton decode_attention_fwd as sglang_p1_decode, pages of 16 slots",
+                 probe=sglang_triton.probe, backward_probe=sglang_triton.probe))
+register(Backend("vllm_triton_p16", "rlparity.attention.vllm_triton:attend_p16",
+                 "vLLM's Triton unified_attention (TRITON_ATTN, sinks): paged KV in 16-token blocks, its 2D path and "
+                 "its 3D split-KV path with reduce_segments for decode batches; forward only, no lse",
+                 probe=vllm_triton.probe))
+register(Backend("vllm_triton_p1", "rlparity.attention.vllm_triton:attend_p1",
+                 "vLLM's Triton unified_attention as vllm_triton_p16 on 1-token blocks (a kernel edge vLLM itself does "
+                 "not select)", probe=vllm_triton.probe))
 
 __all__ = ["AVAILABLE", "Backend", "get_backend", "register", "registered_backends", "user_backend"]
