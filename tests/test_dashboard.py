@@ -1,10 +1,18 @@
-"""The dashboard groups verdicts by environment, lists failing cells and benchmark numbers, escaped."""
+"""The dashboard groups verdicts by environment, lists failing cells and benchmark numbers, escaped; reading its
+inputs never ends in a traceback: a torn last line is skipped with a warning, any other bad line is an error."""
 
 import gzip
 import json
+import sys
+from pathlib import Path
 
+import pytest
+
+from rlparity.cli import main
+from rlparity.errors import RlparityError
 from rlparity.report import build_dashboard
-from rlparity.results import Record, ResultStore
+from rlparity.report.dashboard import build
+from rlparity.results import Record, ResultStore, TornLineWarning, read_records
 
 
 def _write_records(path, environment_device):
@@ -31,12 +39,13 @@ def test_dashboard_compares_environments_and_lists_failures(tmp_path):
     assert page.count('<span class="fail">1 fail</span>') == 2
     assert "&lt;mine&gt;" in page and "<mine>" not in page
     assert "error 0.5 &gt; 0.01" in page
-    assert "test_fwd[triton-8k]" in page and "2.100" in page and "412.5" in page
+    assert "test_fwd[triton-8k]" in page and "<td>2.1</td><td>412.5</td>" in page
 
 
 def test_dashboard_without_inputs_says_so(tmp_path):
     page = build_dashboard([tmp_path / "none"], [], tmp_path / "index.html").read_text()
     assert "No conformance records found" in page and "No benchmark files found" in page
+    assert "No regressions." in page
 
 
 def _record_line(verdict, time, device="NVIDIA H100"):
@@ -52,13 +61,15 @@ def test_a_rerun_on_the_same_environment_supersedes_the_earlier_verdict(tmp_path
     with gzip.open(runs / "old.jsonl.gz", "wt") as handle:  # read after new.jsonl, yet older
         handle.write(_record_line("fail", 1.0) + _record_line("fail", 1.0, device="cpu"))
 
-    page = build_dashboard([runs], [], tmp_path / "index.html").read_text()
+    dashboard = build([runs], [], tmp_path / "index.html")
+    page = dashboard.path.read_text()
 
     assert '<span class="pass">1 pass</span>' in page  # the H100 cell, fixed by the later run
     assert page.count('<span class="fail">1 fail</span>') == 1  # the cpu cell, never re-run
+    assert dashboard.regressions == 0  # fail -> pass is a fix
 
 
-def test_benchmark_logs_are_read_beside_pytest_benchmark_json_and_listed_once(tmp_path):
+def test_benchmark_logs_are_read_beside_pytest_benchmark_json_and_kept_once(tmp_path):
     environment = {"device": "NVIDIA H100"}
     extra = {"tflops": 405.8, "environment": environment}
     log_lines = [{"name": "test_attention[triton-seq8k-causal-fwd]", "median_s": 0.0015, "extra_info": extra},
@@ -71,10 +82,11 @@ def test_benchmark_logs_are_read_beside_pytest_benchmark_json_and_listed_once(tm
     (run / "attention-bench.jsonl").write_text("".join(json.dumps(line) + "\n" for line in log_lines))
     (run / "bench.json").write_text(json.dumps(bench))
 
-    page = build_dashboard([run], [run], tmp_path / "index.html").read_text()
+    dashboard = build([run], [run], tmp_path / "index.html")
+    page = dashboard.path.read_text()
 
-    assert "No conformance records found" in page  # benchmark lines are not result records
-    assert page.count("test_attention[triton-seq8k-causal-fwd]") == 1
+    assert dashboard.records == 0 and "No conformance records found" in page  # benchmark lines are not records
+    assert dashboard.benchmarks == 2
     assert "test_attention[flex-seq8k-causal-fwd]" in page and "360.7" in page
     assert "run/attention-bench.jsonl" in page
 
@@ -91,3 +103,88 @@ def test_engine_versions_of_their_own_process_tell_environments_apart(tmp_path):
 
     assert "<th>cpu · vllm 0.31.0 · engine torch 2.13.0+cpu</th>" in page
     assert "<th>cpu · vllm 0.32.0 · engine torch 2.13.0+cpu</th>" in page
+
+
+def test_a_torn_last_line_is_skipped_with_a_warning_naming_file_and_line(tmp_path):
+    path = tmp_path / "killed.jsonl"
+    path.write_text(_record_line("pass", 1.0) + _record_line("fail", 2.0)[:70])
+
+    with pytest.warns(TornLineWarning, match=rf"{path}:2: skipped a torn last line"):
+        rows = read_records(path)
+
+    assert [row["verdict"] for row in rows] == ["pass"]
+
+
+def test_a_gzip_file_cut_short_keeps_its_whole_lines_and_warns(tmp_path):
+    path = tmp_path / "killed.jsonl.gz"
+    with gzip.open(path, "wt") as handle:
+        handle.write("".join(_record_line("pass", float(t)) for t in range(200)))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+    with pytest.warns(TornLineWarning, match=rf"{path}:\d+: skipped a torn last line"):
+        rows = read_records(path)
+
+    assert 0 < len(rows) < 200 and all(row["verdict"] == "pass" for row in rows)
+
+
+@pytest.mark.parametrize("bad, expected", [("not json at all\n", "expected a JSON record, got 'not json at all'"),
+                                           ("[1, 2]\n", "expected a JSON object, got list")])
+def test_a_line_that_is_not_a_record_is_an_error_naming_file_and_line(tmp_path, bad, expected):
+    path = tmp_path / "r.jsonl"
+    path.write_text(_record_line("pass", 1.0) + bad + _record_line("pass", 2.0))
+
+    with pytest.raises(RlparityError, match=rf"^{path}:2: {expected.replace('[', '.').replace(']', '.')}"):
+        read_records(path)
+
+
+def test_a_result_file_with_a_foreign_line_is_an_error_and_the_command_exits_2(tmp_path, capsys, monkeypatch):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "r.jsonl").write_text(_record_line("pass", 1.0) + _record_line("passed", 2.0))
+    monkeypatch.setattr(sys, "argv", ["rlparity", "dashboard", "--results", str(runs), "--benchmarks",
+                                      "--out", str(tmp_path / "index.html")])
+
+    code = main()
+
+    assert code == 2
+    expected = f"{runs / 'r.jsonl'}:2: expected a result record (property, subject, verdict in pass|fail|skip|error)"
+    assert expected in capsys.readouterr().err
+
+
+def test_the_command_warns_about_a_torn_line_and_still_writes_the_page(tmp_path, capsys, monkeypatch):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "killed.jsonl").write_text(_record_line("pass", 1.0) + _record_line("pass", 2.0)[:40])
+    monkeypatch.setattr(sys, "argv", ["rlparity", "dashboard", "--results", str(runs), "--benchmarks",
+                                      "--out", str(tmp_path / "index.html")])
+
+    code = main()
+
+    captured = capsys.readouterr()
+    assert code == 0 and (tmp_path / "index.html").exists()
+    assert f"warning: {runs / 'killed.jsonl'}:2: skipped a torn last line" in captured.err
+    assert "1 records" in captured.out
+
+
+def test_the_command_with_nothing_to_show_exits_3(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["rlparity", "dashboard", "--results", str(tmp_path / "none"), "--benchmarks",
+                                      "--out", str(tmp_path / "index.html")])
+
+    assert main() == 3
+    assert "nothing was checked for the dashboard" in capsys.readouterr().out
+
+
+KEPT_RUNS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+@pytest.mark.skipif(not KEPT_RUNS.exists(), reason="the kept GPU runs are in the repository, not in the wheel")
+def test_the_runs_kept_in_the_repository_build_a_page_without_regressions(tmp_path):
+    dashboard = build([KEPT_RUNS], [KEPT_RUNS], tmp_path / "index.html", commit="test")
+    page = dashboard.path.read_text()
+
+    assert dashboard.records > 7000 and dashboard.benchmarks == 70 and dashboard.regressions == 0
+    assert [path.name for path in dashboard.skipped_files] == ["triton-best-config.json", "triton-tuning.jsonl"]
+    assert "<th>NVIDIA H100 80GB HBM3 · torch 2.11.0" in page
+    assert 'id="engine-dlogp_max"' in page and 'id="bench-tflops"' in page
+    assert "2026-11-26 12:27 · 3dae1d2c · h100-2026-11-26" in page  # date and commit from the run's summary.txt

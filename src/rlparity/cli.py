@@ -11,7 +11,7 @@
     rlparity routing --a hf --b vllm --model tiny          per-layer MoE routing agreement and near-tie census
     rlparity train --steps 60 --algo grpo --old-logprob detach   the reference RL trainer on the tool task
     rlparity model build tiny                              build (or verify) the bundled tiny GPT-OSS
-    rlparity dashboard                                     results + benchmarks -> dashboard/index.html
+    rlparity dashboard                                     results + benchmarks -> history -> dashboard/index.html
     rlparity env                                           the environment fingerprint results carry
 """
 
@@ -41,11 +41,9 @@ def _lookup(table: dict, name: str, what: str):
 
 
 def _dashboard(args) -> int:
-    from rlparity.report import build_dashboard
+    from rlparity.report.dashboard import run
 
-    out = build_dashboard(args.results, args.benchmarks, args.out)
-    print(f"dashboard written to {out}")
-    return 0
+    return run(args)
 
 
 def _model(args) -> int:
@@ -99,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard.add_argument("--benchmarks", nargs="*", default=["benchmarks/results"],
                            help="pytest-benchmark JSON files, benchmark logs (JSON lines) or folders")
     dashboard.add_argument("--out", default="dashboard/index.html")
+    dashboard.add_argument("--history", default=None,
+                           help="the history store's folder (append-only Parquet); default: history/ beside --out")
+    dashboard.add_argument("--run-id", default=None, help="tag for this run's files (default: folder/file name)")
+    dashboard.add_argument("--commit", default=None, help="default: $RLPARITY_COMMIT, $GITHUB_SHA or git HEAD")
     dashboard.set_defaults(run=_dashboard)
 
     model = commands.add_parser("model", help="build, locate or describe a bundled tiny GPT-OSS (fixtures/models)")

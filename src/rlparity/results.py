@@ -1,14 +1,17 @@
 """Result records (one JSON object per line), the environment fingerprint, and an append-only store."""
 
 import functools
-import gzip
 import json
 import os
 import platform
 import time
+import warnings
+import zlib
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
+
+from rlparity.errors import RlparityError
 
 PASS, FAIL, SKIP, ERROR = "pass", "fail", "skip", "error"
 VERDICTS = (PASS, FAIL, SKIP, ERROR)
@@ -89,8 +92,53 @@ class ResultStore:
         self.count += 1
 
 
+class TornLineWarning(UserWarning):
+    """The last line of a results file was cut short: the run that wrote it was killed mid-write."""
+
+
+def _gzip_text(path: Path) -> str:
+    """What a gzip file decompresses to, up to where it was cut short (gzip.open would drop its last block)."""
+    data, text = path.read_bytes(), b""
+    while data:
+        stream = zlib.decompressobj(wbits=31)
+        text += stream.decompress(data)
+        if not stream.eof:
+            break
+        data = stream.unused_data  # files concatenated with `cat a.gz b.gz` are read as one
+    return text.decode(errors="replace")
+
+
+def _lines(path: Path):
+    """(number, text, complete) for each line."""
+    text = _gzip_text(path) if path.suffix == ".gz" else path.read_text(errors="replace")
+    parts = text.split("\n")  # not splitlines: a record's strings may hold other line separators
+    for number, part in enumerate(parts, 1):
+        yield number, part, number < len(parts)
+
+
 def read_records(path: Path | str) -> list[dict]:
-    """The JSON lines of a results file, gzip-compressed when its name ends in .gz."""
+    """The JSON objects of a results file (one a line), gzip-compressed when its name ends in .gz.
+
+    ResultStore.append writes each line whole, so a run killed mid-write leaves at most its last line
+    torn (no newline, not valid JSON): that line is skipped with a TornLineWarning naming file and line.
+    Any other line that is not a JSON object is an RlparityError naming file and line.
+    """
     path = Path(path)
-    with (gzip.open(path, "rt") if path.suffix == ".gz" else path.open()) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    rows = []
+    for number, line, complete in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if not complete:
+                warnings.warn(f"{path}:{number}: skipped a torn last line (the run was killed mid-write?)",
+                              TornLineWarning, stacklevel=2)
+                break
+            raise RlparityError(f"{path}:{number}: expected a JSON record, got {line.strip()[:60]!r} ({exc.msg})") \
+                from None
+        if not isinstance(row, dict):
+            raise RlparityError(f"{path}:{number}: expected a JSON object, got {type(row).__name__} "
+                                f"{line.strip()[:60]!r}")
+        rows.append(row)
+    return rows

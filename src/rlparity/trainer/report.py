@@ -1,10 +1,12 @@
-"""Plots of a training run from its results file: reward, KL, entropy, first-mini-batch ratio, over steps.
+"""Plots of a training run from its results file over steps: reward, KL, entropy, first-mini-batch ratio, and the
+train-rollout mismatch in slime's and verl's names (rlparity.mismatch_metrics).
 
 PNG through matplotlib when it is installed (`pip install matplotlib`), else the static HTML dashboard
 (rlparity.report.dashboard) of the same records.
 """
 
 import importlib.util
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,7 +16,9 @@ from rlparity.trainer.trainer import EVAL_PROPERTY, STEP_PROPERTY
 PANELS = (("reward", "reward (batch mean; stars: held-out before / after)"), ("kl_k3", "KL to reference (k3)"),
           ("entropy", "entropy"),
           ("ratio_mean", "first mini-batch ratio (min / mean / max)"), ("clip_fraction", "clip fraction"),
-          ("train_rollout_dlogp_mean", "train-rollout |Δlogp| mean"))
+          ("train_rollout_dlogp_mean", "train-rollout |Δlogp| mean"),
+          ("train/train_rollout_logprob_abs_diff", "slime train_rollout_logprob_abs_diff (drift)"),
+          ("rollout_corr/k3_kl", "verl rollout_corr/k3_kl"))
 
 
 def step_series(paths: Sequence[Path]) -> dict[str, list[dict]]:
@@ -54,11 +58,12 @@ def write_report(paths: Sequence[Path | str], out: Path | str) -> Path:
 
     runs = step_series(paths)
     held_out = held_out_rewards(paths)
-    figure, axes = plt.subplots(2, 3, figsize=(15, 8))
+    figure, axes = plt.subplots(2, 4, figsize=(20, 8))
     for axis, (key, title) in zip(axes.flat, PANELS):
         for subject, rows in runs.items():
             steps = [row["step"] for row in rows]
-            line, = axis.plot(steps, [row[key] for row in rows], marker=".", label=subject)
+            # runs recorded before a metric existed have no value for it
+            line, = axis.plot(steps, [row.get(key, math.nan) for row in rows], marker=".", label=subject)
             if key == "ratio_mean":
                 axis.fill_between(steps, [row["ratio_min"] for row in rows], [row["ratio_max"] for row in rows],
                                   color=line.get_color(), alpha=0.2)
