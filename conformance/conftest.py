@@ -22,6 +22,7 @@ if not torch.cuda.is_available():
 
 from rlparity.pytest_plugin import Verdicts, conformance_run  # noqa: E402
 from rlparity.results import ERROR, FAIL, SKIP, Record, ResultStore  # noqa: E402
+from rlparity.tally import FIXED, KNOWN  # noqa: E402
 
 
 def pytest_configure(config):
@@ -43,8 +44,16 @@ class Recorder:
         for record in records:
             self._verdicts.add(record)
 
-    @staticmethod
-    def judge(outcome, details: str = "") -> None:
+    def judge(self, outcome, details: str = "") -> None:
+        """A known finding's record (rlparity.findings, --known-findings) is an expected failure: xfail when it
+        fails, a failure when it passes."""
+        if isinstance(outcome, Record):
+            verdict, finding = self._verdicts.classify(outcome)
+            if verdict == KNOWN:
+                pytest.xfail(f"known finding: {finding.describe()}")
+            if verdict == FIXED:
+                pytest.fail(f"known finding no longer reproduces: {finding.describe()}; remove it from the findings "
+                            "file", pytrace=False)
         if outcome.verdict == SKIP:
             pytest.skip(outcome.reason)
         if outcome.verdict in (FAIL, ERROR):

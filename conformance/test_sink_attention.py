@@ -61,10 +61,12 @@ class _Matrix:
         self.cache = {}
 
     def get(self, key, compute, backend, case, dtype, prefix):
+        """{quantity: its record}, measured once per (backend, case, dtype)."""
         if key not in self.cache:
             measurements = compute(backend, case, dtype, self.device)
-            self.recorder.record(*to_records(backend, case, dtype, measurements, prefix))
-            self.cache[key] = {m.quantity: m for m in measurements}
+            records = to_records(backend, case, dtype, measurements, prefix)
+            self.recorder.record(*records)
+            self.cache[key] = {m.quantity: record for m, record in zip(measurements, records)}
         return self.cache[key]
 
 
@@ -77,20 +79,20 @@ def test_sink_attention(matrix, backend, dtype, case, quantity):
     if case in LARGE_CASES and matrix.device.type != "cuda":
         pytest.skip(f"{case.name} is a GPT-OSS-sized case for CUDA (its float64 reference holds 2 GiB score "
                     "tensors): run `nox -s gpu_conformance` on a GPU machine")
-    measurements = matrix.get(("matrix", backend.name, case.name, dtype), measure, backend, case, dtype,
+    records = matrix.get(("matrix", backend.name, case.name, dtype), measure, backend, case, dtype,
                               "sink_attention")
-    matrix.recorder.judge(measurements[quantity])
+    matrix.recorder.judge(records[quantity])
 
 
 def test_compiled_flex(matrix, case, quantity):
-    measurements = matrix.get(("matrix", COMPILED_FLEX.name, case.name, COMPILED_FLEX_DTYPE), measure, COMPILED_FLEX,
+    records = matrix.get(("matrix", COMPILED_FLEX.name, case.name, COMPILED_FLEX_DTYPE), measure, COMPILED_FLEX,
                               case, COMPILED_FLEX_DTYPE, "sink_attention")
-    matrix.recorder.judge(measurements[quantity])
+    matrix.recorder.judge(records[quantity])
 
 
 @pytest.mark.parametrize("check", ["sinks_change_out", "dsink_nonzero"])
 def test_sink_sensitivity(matrix, backend, dtype, check):
     case = CASES_BY_NAME[SENSITIVITY_CASE]
-    measurements = matrix.get(("sensitivity", backend.name, dtype), sink_sensitivity, backend, case, dtype,
+    records = matrix.get(("sensitivity", backend.name, dtype), sink_sensitivity, backend, case, dtype,
                               "sink_sensitivity")
-    matrix.recorder.judge(measurements[check])
+    matrix.recorder.judge(records[check])

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from rlparity.errors import RlparityError
+from rlparity.findings import load_findings
 from rlparity.results import Record, ResultStore, default_results_path
 from rlparity.tally import EXIT_FAIL, EXIT_USAGE, Tally
 
@@ -46,6 +47,9 @@ def pytest_addoption(parser):
                          "tiny model")
     group.addoption("--sequence-parallel", action="append", default=[], metavar="NAME|module:function",
                     help="sequence-parallel attention to check (repeatable; default: rlparity's ulysses and ring)")
+    group.addoption("--known-findings", action="append", default=[], metavar="FILE",
+                    help="findings (rlparity.findings) whose cells are expected to fail: they do not fail the run, "
+                         "and a listed cell that passes does (rlparity's CI passes fixtures/findings.json)")
     group.addoption("--device", default=None, help="torch device for the checks (default: cuda if visible, else cpu)")
     group.addoption("--require-cuda", action="store_true", help="fail at once if no CUDA device is visible")
     group.addoption("--results", default=None,
@@ -70,8 +74,8 @@ class Components:
 class Verdicts(Tally):
     """The records of one run: written to the results file as they come, and tallied."""
 
-    def __init__(self, path: Path | str, selected: list[str]):
-        super().__init__(selected)
+    def __init__(self, path: Path | str, selected: list[str], known=()):
+        super().__init__(selected, known)
         self._path = path
         self._store: ResultStore | None = None  # created on the first record: an inert run writes no file
         self.active = False  # set by the conformance suite's conftest: this run is judged
@@ -121,8 +125,12 @@ def pytest_configure(config):
     except RlparityError as exc:
         _usage_error(str(exc))
     config.stash[_COMPONENTS_KEY] = components
+    try:
+        known = [finding for path in config.getoption("--known-findings") for finding in load_findings(path)]
+    except RlparityError as exc:
+        _usage_error(str(exc))
     path = config.getoption("--results") or default_results_path("conformance")
-    config.stash[_VERDICTS_KEY] = Verdicts(path, components.names)
+    config.stash[_VERDICTS_KEY] = Verdicts(path, components.names, known)
 
 
 def _resolve_components(config) -> Components:
