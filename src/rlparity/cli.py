@@ -34,12 +34,6 @@ def _check_attention(args) -> int:
     return check_attention(args)
 
 
-def _lookup(table: dict, name: str, what: str):
-    if name not in table:
-        raise RlparityError(f"unknown {what} {name!r}: expected one of {', '.join(table)}")
-    return table[name]
-
-
 def _dashboard(args) -> int:
     from rlparity.report.dashboard import run
 
