@@ -2,6 +2,7 @@
 
 import pytest
 
+import rlparity.engines
 from rlparity.models import ensure_model
 
 
@@ -42,3 +43,11 @@ ENGINE_PROMPT_LENGTHS = (12, 1, 20, 47, 8, 16)
 @pytest.fixture(scope="module")
 def engine_sequences(reference_micro):
     return language_sequences(reference_micro.config["vocab_size"], ENGINE_SEQUENCE_LENGTHS)
+
+
+@pytest.fixture
+def forget_user_engines(monkeypatch):
+    """The engines a test registers (--engine NAME=module:Class) go with it: the registry is the process's, and
+    other tests list it."""
+    monkeypatch.setattr(rlparity.engines, "_ENGINES", dict(rlparity.engines._ENGINES))
+    monkeypatch.setattr(rlparity.engines, "_USER_ENGINES", set(rlparity.engines._USER_ENGINES))

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-import rlparity.engines
 from rlparity.cli import main
 from rlparity.engines import RAW, Routing, register_user_engine
 from rlparity.engines.hf import HFEngine
@@ -15,6 +14,8 @@ from rlparity.parity import calibrate, parity_batch
 from rlparity.parity.__main__ import main as parity_main
 from rlparity.parity.floors import save_floors
 from rlparity.results import read_records
+
+pytestmark = pytest.mark.usefixtures("forget_user_engines")
 
 HERE = "tests.test_user_engine"
 DOCS_ENGINES = Path(__file__).parents[1] / "docs" / "engines"
@@ -54,13 +55,6 @@ class ReturnsATensor(HooksEngine):
 class NoLogprobs:
     def __init__(self, checkpoint, *, dtype, max_len=None):
         pass
-
-
-@pytest.fixture(autouse=True)
-def forget_user_engines(monkeypatch):
-    """The engines a test registers go with it: the registry is the process's, and other tests list it."""
-    monkeypatch.setattr(rlparity.engines, "_ENGINES", dict(rlparity.engines._ENGINES))
-    monkeypatch.setattr(rlparity.engines, "_USER_ENGINES", set(rlparity.engines._USER_ENGINES))
 
 
 @pytest.fixture

@@ -5,20 +5,14 @@ from pathlib import Path
 
 import pytest
 
-import rlparity.engines
 from rlparity.cli import main
 from rlparity.parity import calibrate, parity_batch
 from rlparity.parity.floors import save_floors
 from rlparity.results import read_records
 
+pytestmark = pytest.mark.usefixtures("forget_user_engines")
+
 DOCS_ENGINES = Path(__file__).parents[1] / "docs" / "engines"
-
-
-@pytest.fixture(autouse=True)
-def forget_user_engines(monkeypatch):
-    """The engines a test registers go with it: the registry is the process's, and other tests list it."""
-    monkeypatch.setattr(rlparity.engines, "_ENGINES", dict(rlparity.engines._ENGINES))
-    monkeypatch.setattr(rlparity.engines, "_USER_ENGINES", set(rlparity.engines._USER_ENGINES))
 
 
 @pytest.fixture
