@@ -11,6 +11,9 @@ engine, and does router replay take effect? Measured per layer on the tiny GPT-O
     router precision    each router alone in bf16 vs fp32 on the same hidden states
     replay              the engine's routes forced in the training forward: exact routes, router gradients,
                         log-probs closer to the engine's than without replay
+    replay variants     none, ids, ids in reversed slot order, ids + the engine's weights, R2 (rlparity.routing.
+                        variants): forced routes ran, router gradients where the variant keeps them; the
+                        |dlogp| to the engine, route agreement, gradient norm and PPO ratio are recorded
 
 A flip at a gap too large for the compared dtype's rounding fails every check (rlparity.routing.census).
 One Record per check; the per-layer table is in the record's extra["comparison"] and in failure messages.
@@ -37,6 +40,9 @@ from rlparity.routing.checks import (
 from rlparity.routing.engines import engine_routes, open_routing_engine, vllm_unavailable_reason
 from rlparity.routing.forward import run_pass
 from rlparity.routing.report import agreement_table
+from rlparity.routing.variants import PROPERTY as VARIANT_PROPERTY
+from rlparity.routing.variants import VARIANTS, measure_variant, weights_unknown
+from rlparity.routing.variants import check as check_variant
 
 # Held-out text of the tiny model's synthetic language; unequal lengths so that batches carry padding.
 SEQUENCE_LENGTHS = (128, 97, 64, 120, 80, 111)
@@ -207,3 +213,21 @@ def test_replay(trainers, rollout, sequences, engine_name, engine_dtype, recorde
     record.engines = process_versions(engine)
     report(recorder, record)
 
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("engine_name, engine_dtype", [("reference", "fp64"),
+                                                       pytest.param("vllm", REPLAY_TRAINER_DTYPE, marks=VLLM_MARKS)],
+                         ids=["reference", "vllm"])
+def test_replay_variant(trainers, rollout, sequences, engine_name, engine_dtype, variant, recorder):
+    trainer = trainers(REPLAY_TRAINER_DTYPE)
+    subject = f"{trainer.name} vs {engine_name}[{TRAINER_DTYPES.get(engine_dtype, 'float64')}]"
+    engine, routes, logprobs = rollout_engine(rollout, engine_name, engine_dtype, subject, recorder,
+                                              "replay_variant")
+    if reason := weights_unknown(engine.name, variant):
+        report(recorder, Record(VARIANT_PROPERTY, subject, variant, TRAINER_DTYPES[REPLAY_TRAINER_DTYPE],
+                                SKIP, reason=reason))
+    result = measure_variant(trainer.model, sequences, trainer.pad_id, variant, engine.name, routes, logprobs)
+    record = check_variant(result, f"{trainer.name} vs {engine.name}", TRAINER_DTYPES[REPLAY_TRAINER_DTYPE],
+                           shapes={"lengths": list(SEQUENCE_LENGTHS), "mini_batch": "the whole batch"})
+    record.engines = process_versions(engine)
+    report(recorder, record)

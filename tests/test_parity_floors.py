@@ -75,6 +75,9 @@ def test_agreeing_pairs_pass_and_write_records(pool, batch, floors_file):
         records = result.records(batch)
         assert records[-1].property == "logprob_parity" and records[-1].error == result.measurement.stats["dlogp_max"]
         assert records[-1].tolerance == result.tolerances["dlogp_max"]
+        frameworks = records[-1].extra["frameworks"]  # the users' own metric names, of the same log-probs
+        assert frameworks["rollout_corr/kl"] == pytest.approx(result.measurement.stats["kl_k1"], rel=1e-9, abs=1e-15)
+        assert frameworks["training/rollout_probs_diff_max"] > 0 and frameworks["train/token_mult_prob_error"] > 1
     assert [r.property for r in check_pair(pool, Pair(HF_FP32, REF_FP64, "naive"), batch, floors).records(batch)] == [
         "logprob_parity.semantics", "logprob_parity"]
 

@@ -62,3 +62,23 @@ def test_vllm_unavailable_says_why(micro_checkpoint, monkeypatch):
 def test_reference_dtype_is_checked(micro_checkpoint):
     with pytest.raises(RlparityError, match="the reference engine runs in"):
         open_routing_engine("reference", micro_checkpoint, "bfloat16")
+
+
+def test_replay_variants_table_and_records(micro_checkpoint, tmp_path, capsys):
+    results = tmp_path / "replay.jsonl"
+    args = parse(["--replay", "ids+weights", "--replay", "ids", "--a", "hf", "--a-dtype", "bfloat16", "--b",
+                  "reference", "--model", str(micro_checkpoint), "--sequences", "2", "--length", "24", "--results",
+                  str(results)])
+    assert args.run(args) == 0
+    out = capsys.readouterr().out
+    assert "router |grad|" in out and "ids-reversed  reference[float64]" in out
+    records = read_records(results)
+    assert [(r["case"], r["verdict"]) for r in records] == [("ids+weights", "pass"), ("ids", "pass"),
+                                                           ("ids-reversed", "pass")]
+    assert records[0]["extra"]["router_grad_norm"] == 0 and records[1]["extra"]["router_grad_norm"] > 0
+
+
+def test_replay_needs_the_trainer_as_side_a(micro_checkpoint):
+    args = parse(["--replay", "r2", "--a", "reference", "--b", "hf", "--model", str(micro_checkpoint)])
+    with pytest.raises(RlparityError, match="--a is the trainer and must be hf"):
+        args.run(args)

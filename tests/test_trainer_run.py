@@ -1,5 +1,7 @@
 """The trainer end to end on the micro model: metrics, on-policy ratio, refusals, sync, failures mid-run."""
 
+import math
+
 import pytest
 import torch
 
@@ -50,6 +52,9 @@ def test_detach_run_records_every_metric_and_ratio_one(micro_sft, tmp_path):
                     "train_rollout_dlogp_mean", "train_rollout_dlogp_max", "routing_flip_rate", "step_s"):
             assert key in metrics, key
         assert metrics["ratio_min"] == metrics["ratio_max"] == 1.0 and metrics["clip_fraction"] == 0.0
+        # the users' own names for the training pass against the rollout (rlparity.mismatch_metrics)
+        assert 0 < metrics["train/train_rollout_logprob_abs_diff"] <= metrics["train_rollout_dlogp_max"]
+        assert 1 < metrics["train/token_mult_prob_error"] <= math.exp(metrics["train_rollout_dlogp_max"])
         assert metrics["sync_sinks"] > 0 and metrics["sync_routers"] > 0 and metrics["sync_dtypes"] == "float32"
 
 

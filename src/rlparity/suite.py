@@ -24,6 +24,7 @@ PARTS = {
     "routing": "test_routing",
     "memory": "test_memory_ceilings",
     "trainer": "test_trainer",
+    "drift": "test_drift",
 }
 # pytest's own codes for a usage error and an empty selection, and what rlparity calls them.
 PYTEST_USAGE_ERROR, PYTEST_NO_TESTS = 4, 5

@@ -50,6 +50,7 @@ class PairResult:
             tolerance=self.tolerances["dlogp_max"] if self.tolerances else None,
             extra={"pair": self.pair.id, "floor": self.pair.floor, "engines": self.engines, "bar": self.pair.bar,
                    "metrics": measured.stats if measured else None,
+                   "frameworks": measured.frameworks if measured else None,
                    "deviations": measured.deviations if measured else None, "tolerances": self.tolerances,
                    "cannot_fail": cannot_fail(self.tolerances) if self.tolerances else [],
                    "layouts": measured.layouts if measured else None, "seconds": self.seconds},

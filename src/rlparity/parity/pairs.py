@@ -15,6 +15,7 @@ import torch
 
 from rlparity.errors import RlparityError
 from rlparity.metrics import agreement_deviations, logprob_agreement, rounding_floor
+from rlparity.mismatch_metrics import framework_metrics
 from rlparity.parity.batch import ParityBatch
 from rlparity.parity.sides import Side
 
@@ -98,6 +99,7 @@ class PairMeasurement:
     deviations: dict[str, float]  # each metric's distance from agreement (a self pair: the worst layout's, per metric)
     rounding: float  # the error of delivering the log-probs in the coarser of the two dtypes they came in
     layouts: dict[str, dict[str, float]] | None = None  # a self pair: logprob_agreement per layout
+    frameworks: dict[str, float] | None = None  # the same pair in verl's, slime's and NeMo-RL's metric names
 
 
 def check_lengths(where: str, values: list[torch.Tensor], batch: ParityBatch) -> None:
@@ -118,7 +120,8 @@ def compare(a_name: str, a: list[torch.Tensor], b_name: str, b: list[torch.Tenso
     check_lengths(a_name, a, batch)
     check_lengths(b_name, b, batch)
     stats = logprob_agreement(a, b)
-    return PairMeasurement(stats, agreement_deviations(stats), delivered_rounding(a, b))
+    return PairMeasurement(stats, agreement_deviations(stats), delivered_rounding(a, b),
+                           frameworks=framework_metrics(a, b))
 
 
 def self_layouts(engine, batch: ParityBatch) -> dict[str, list[torch.Tensor]]:
@@ -138,7 +141,8 @@ def measure_self(engine, batch: ParityBatch) -> PairMeasurement:
                   for name, values in self_layouts(engine, batch).items()}
     worst = max(per_layout.values(), key=lambda m: m.stats["dlogp_max"])
     deviations = {metric: max(m.deviations[metric] for m in per_layout.values()) for metric in worst.deviations}
-    return PairMeasurement(worst.stats, deviations, worst.rounding, {k: m.stats for k, m in per_layout.items()})
+    return PairMeasurement(worst.stats, deviations, worst.rounding, {k: m.stats for k, m in per_layout.items()},
+                           worst.frameworks)
 
 
 def measure_pair(a_engine, b_engine, batch: ParityBatch) -> PairMeasurement:

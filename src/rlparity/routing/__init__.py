@@ -5,10 +5,12 @@
     agreement    compare_routing: per-layer set/order agreement and flips between two sides
     census       gaps between the k-th and (k+1)-th router logit; what counts as a large gap
     precision    the router alone in bf16 vs fp32 on the same hidden states
-    replay       RouterReplay: force recorded routes in the trainer's forward, verified to take effect
+    replay       RouterReplay: force recorded routes (optionally weights) in the trainer's forward, verified
+                 to take effect
+    variants     replay as trainers run it (none, ids, ids+weights, R2) measured side by side
     checks       the conformance checks, one Record each
     engines      hf / reference / vllm opened by name for routing
-    report, cli  the per-layer table and `rlparity routing`
+    report, cli  the per-layer table and `rlparity routing` (replay_command: its --replay table)
 """
 
 from rlparity.routing.agreement import LayerAgreement, RoutingComparison, coarser_dtype, compare_routing

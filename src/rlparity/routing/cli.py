@@ -9,6 +9,14 @@ from --a's router logits: put the more precise side first. Your engine is a side
 routing(token_ids): --engine mine=my_engine:MyEngine --b mine. Exit status: 0 when every flip is at a
 rounding-level gap, 1 when some flip is at a large gap (a bug, not rounding), 2 on bad arguments, 3 when
 nothing could be compared (an engine cannot run here).
+
+    rlparity routing --replay none --replay ids --replay ids+weights --replay r2 --a hf --a-dtype bfloat16 \
+        --b vllm --b-dtype bfloat16
+
+With --replay, --a is the trainer (hf) and the table compares router-replay variants (rlparity.routing.variants)
+against --b and against the float64 reference: the training pass's |dlogp| to the engine, routes, router
+gradients, PPO ratio. Exit status 1 when a replay forced routes that did not run, or gradients are not where the
+variant keeps them.
 """
 
 import argparse
@@ -35,6 +43,7 @@ def _positive(text: str) -> int:
 
 def add_routing_parser(subparsers) -> argparse.ArgumentParser:
     from rlparity.routing.engines import ROUTING_ENGINES
+    from rlparity.routing.variants import REPLAY_CHOICES
 
     parser = subparsers.add_parser("routing", help="per-layer MoE routing agreement of two engines, near-tie census",
                                    description=__doc__.splitlines()[0])
@@ -55,6 +64,9 @@ def add_routing_parser(subparsers) -> argparse.ArgumentParser:
                         help="constructor option of side b (repeatable)")
     parser.add_argument("--router-precision", action="store_true",
                         help="also: each hf side's router alone in bf16 vs fp32 on the same hidden states")
+    parser.add_argument("--replay", action="append", choices=REPLAY_CHOICES, default=[],
+                        help="router-replay variants to compare, --a being the trainer (repeatable; 'ids' also "
+                             "measures its ids in reversed slot order)")
     parser.add_argument("--results", default=None, help="JSON-lines results file")
     add_engine_argument(parser)
     parser.set_defaults(run=routing_command)
@@ -91,6 +103,8 @@ def routing_command(args) -> int:
     register_engines(args.engine)
     for name in (args.a, args.b):
         require_routing_engine(name)
+    if args.replay and args.a != "hf":
+        raise RlparityError(f"routing --replay: --a is the trainer and must be hf (transformers), got {args.a!r}")
     source = model_source(args)
     if source.checkpoint is None:
         sequences = held_out_sequences(source.config()["vocab_size"], args.sequences, args.length, args.seed)
@@ -98,6 +112,10 @@ def routing_command(args) -> int:
         sequences = prompt_set_sequences(source, args.sequences, args.length)
     checkpoint = source.folder()
     shapes = {"sequences": args.sequences, "length": args.length, "seed": args.seed, "model": source.label}
+    if args.replay:
+        from rlparity.routing.replay_command import replay_command
+
+        return replay_command(args, checkpoint, sequences, shapes)
     options = (dict(args.a_option), dict(args.b_option))
     results, engines = [], []
     try:

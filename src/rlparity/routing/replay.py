@@ -5,7 +5,9 @@
 
 Inside the block each layer's router still computes its logits, but hands the experts the recorded ids,
 with routing weights = softmax over the recorded experts' logits, so the router's parameters keep their
-gradient through the weights. Padded positions (past a sequence's length) keep the router's own choice.
+gradient through the weights. Given `weights` (the engine's routing weights, one [S, k] per layer and sequence,
+in the order of the recorded ids), the experts get those instead: constants, so the router gets no gradient.
+Padded positions (past a sequence's length) keep the router's own choice.
 
 A replay that does not take effect must not pass for one: the routes are checked against the model
 when the block opens (layers, tokens, k, expert ids), every router call checks the batch it sees, and
@@ -79,6 +81,18 @@ def forced_ids(routes: Sequence[Routing], lengths: Sequence[int], padded_len: in
     return out.reshape(-1, top_k)
 
 
+def forced_weights(weights: Sequence[Sequence[torch.Tensor]], lengths: Sequence[int], padded_len: int, layer: int,
+                   top_k: int) -> torch.Tensor:
+    """weights[i][layer] [S_i, k] -> [B * padded_len, k] float32 in the MLP's token order (0 at padded positions)."""
+    out = torch.zeros(len(lengths), padded_len, top_k, dtype=torch.float32)
+    for row, (per_layer, length) in enumerate(zip(weights, lengths)):
+        if tuple(per_layer[layer].shape) != (length, top_k):
+            raise RlparityError(f"router replay: sequence {row}, layer {layer}: routing weights of shape "
+                                f"{tuple(per_layer[layer].shape)}, expected [{length} tokens, {top_k}]")
+        out[row, :length] = per_layer[layer].detach().float().cpu()
+    return out.reshape(-1, top_k)
+
+
 def activation_checkpointing(model: torch.nn.Module) -> bool:
     """transformers' own test (PreTrainedModel.is_activation_checkpointing), without its deprecation path."""
     return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
@@ -86,10 +100,12 @@ def activation_checkpointing(model: torch.nn.Module) -> bool:
 
 class RouterReplay:
     def __init__(self, model: torch.nn.Module, routes: Sequence[Routing], lengths: Sequence[int],
-                 padded_len: int | None = None, backward_inside: bool = False):
+                 padded_len: int | None = None, backward_inside: bool = False,
+                 weights: Sequence[Sequence[torch.Tensor]] | None = None):
         """routes[i] for the i-th sequence of a right-padded batch; lengths[i] its tokens; padded_len the
         batch's sequence dimension (default: the longest). backward_inside: the caller runs backward inside the
-        block, which activation checkpointing needs (its backward recomputes the routers' forward)."""
+        block, which activation checkpointing needs (its backward recomputes the routers' forward). weights[i]:
+        the i-th sequence's routing weights per layer, to replay with the ids (default: the router's own)."""
         self.layers = router_layers(model)
         self.checkpointing = activation_checkpointing(model)
         self.backward_inside = backward_inside
@@ -99,6 +115,11 @@ class RouterReplay:
             raise RlparityError(f"router replay: padded length {self.padded_len} is shorter than the longest "
                                 f"sequence ({max(lengths)} tokens)")
         self.forced = [forced_ids(routes, lengths, self.padded_len, layer.index, layer.top_k) for layer in self.layers]
+        if weights is not None and len(weights) != len(lengths):
+            raise RlparityError(f"router replay: routing weights for {len(weights)} sequences, the batch has "
+                                f"{len(lengths)}")
+        self.weights = None if weights is None else [
+            forced_weights(weights, lengths, self.padded_len, layer.index, layer.top_k) for layer in self.layers]
         self.report = [LayerReplay() for _ in self.layers]
         self._handles, self._saved = [], []
 
@@ -124,6 +145,7 @@ class RouterReplay:
 
     def _router_forward(self, layer: RouterLayer, original):
         forced = self.forced[layer.index]
+        recorded_weights = None if self.weights is None else self.weights[layer.index]
         state = self.report[layer.index]
 
         def forward(hidden_states):
@@ -141,6 +163,8 @@ class RouterReplay:
             ids = torch.where(target == UNFORCED, own_ids, target)
             chosen = logits.gather(1, ids)
             weights = torch.softmax(chosen, dim=1, dtype=chosen.dtype)
+            if recorded_weights is not None:
+                weights = torch.where(target == UNFORCED, weights, recorded_weights.to(weights.device, weights.dtype))
             state.router_calls += 1
             return logits, weights, ids
 
@@ -186,7 +210,8 @@ class RouterReplay:
 
 
 def replayed_pass(model: torch.nn.Module, token_ids: Sequence[Sequence[int]], pad_id: int,
-                  routes: Sequence[Routing], *, train: bool, grad: bool, replay=RouterReplay) -> Pass:
-    """run_pass with the recorded routes forced; `replay` is the context manager that forces them."""
-    with replay(model, routes, [len(sequence) for sequence in token_ids]):
+                  routes: Sequence[Routing], *, train: bool, grad: bool, replay=RouterReplay, **options) -> Pass:
+    """run_pass with the recorded routes forced; `replay` is the context manager that forces them, `options` go to
+    it (RouterReplay's weights)."""
+    with replay(model, routes, [len(sequence) for sequence in token_ids], **options):
         return run_pass(model, token_ids, pad_id, train=train, grad=grad)

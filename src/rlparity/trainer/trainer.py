@@ -30,6 +30,7 @@ import torch
 from rlparity.engines.base import process_versions
 from rlparity.errors import RlparityError
 from rlparity.metrics import logprob_agreement
+from rlparity.mismatch_metrics import framework_metrics
 from rlparity.models.recipe import language_of
 from rlparity.models.specs import load_spec
 from rlparity.results import ERROR, PASS, Record, ResultStore
@@ -177,6 +178,7 @@ class Trainer:
                     first_tensors = {
                         "sequences": [mini.ids[row, :length].tolist() for row, length in enumerate(mini.lengths)],
                         "rollout_logprobs": mini.rollout_logprobs, "logp": logp.detach(), "old": old.detach(),
+                        "token_counts": mini.trained.sum(1).tolist(),
                         "clipped": clipped, "weights": weights, "entropy": entropy.detach(),
                         "ref_logp": ref_logp[keep], "training_routes": training_routes,
                         "recompute_routes": None if recompute_routes is None else [recompute_routes[r] for r in rows]}
@@ -226,10 +228,12 @@ class Trainer:
                  - config.entropy_coef * entropy.sum() / tokens)
         return local * self.world, distributed.all_sum(local)
 
-    def _first_minibatch_metrics(self, sequences, rollout_logprobs, logp, old, clipped, weights, entropy, ref_logp,
-                                 training_routes, recompute_routes) -> dict:
+    def _first_minibatch_metrics(self, sequences, rollout_logprobs, logp, old, token_counts, clipped, weights, entropy,
+                                 ref_logp, training_routes, recompute_routes) -> dict:
         r = ratio(logp, old)
         agreement = logprob_agreement(logp, rollout_logprobs)
+        # the training pass against the rollout in verl's, slime's and NeMo-RL's names, per sequence of the mini-batch
+        frameworks = framework_metrics(torch.split(logp, token_counts), torch.split(rollout_logprobs, token_counts))
         routing = compare_routing(self.sampler.routing(sequences), training_routes, dtype=torch.float32,
                                   names=("rollout", "training"))
         extra = {}
@@ -237,7 +241,7 @@ class Trainer:
             extra["recompute_routing_flip_rate"] = compare_routing(
                 recompute_routes, training_routes, dtype=torch.float32,
                 names=("recompute", "training")).differ_any_layer
-        return extra | {
+        return extra | frameworks | {
             "kl_k1": kl_k1(logp, ref_logp).mean().item(),
             "kl_k3": kl_k3(logp, ref_logp).mean().item(),
             "entropy": entropy.mean().item(),
