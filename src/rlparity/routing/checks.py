@@ -22,9 +22,8 @@ from rlparity.errors import RlparityError
 from rlparity.results import FAIL, PASS, Record
 from rlparity.routing.agreement import RoutingComparison, compare_routing
 from rlparity.routing.forward import run_pass
-from rlparity.routing.layers import router_layers
 from rlparity.routing.precision import router_precision
-from rlparity.routing.replay import RouterReplay, replayed_pass
+from rlparity.routing.replay import RouterReplay, forced_mismatches, replayed_pass, router_gradient_norms
 
 PROPERTY = "routing"
 REPEATS = 3  # passes in the determinism check: a race shows up as a difference between any two
@@ -167,23 +166,6 @@ def runner_up_routes(routes: Sequence[Routing]) -> list[Routing]:
     return out
 
 
-def _mismatched_tokens(captured: Sequence[Routing], recorded: Sequence[Routing]) -> int:
-    return sum(int((c.cpu() != r.long().cpu()).any(dim=-1).sum())
-               for got, want in zip(captured, recorded) for c, r in zip(got.expert_ids, want.expert_ids))
-
-
-def _router_gradients(model: torch.nn.Module, loss: torch.Tensor) -> list[float]:
-    """|grad| (Frobenius, weight and bias together) of each layer's router after loss.backward()."""
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    norms = []
-    for layer in router_layers(model):
-        grads = [p.grad for p in (layer.router.weight, layer.router.bias) if p.grad is not None]
-        norms.append(float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads))) if grads else 0.0)
-    model.zero_grad(set_to_none=True)
-    return norms
-
-
 def _mean_abs_diff(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
     diffs = [(x.detach().cpu().double() - y.detach().cpu().double()).abs() for x, y in zip(a, b)]
     return torch.cat(diffs).mean().item()
@@ -211,11 +193,11 @@ def check_replay(model: torch.nn.Module, subject: str, token_ids: Sequence[Seque
                       shapes=_shapes(token_ids), extra=extra)
     for name, captured, recorded in (("engine", forced.routing, engine_routes), ("runner-up", probe.routing,
                                                                                    probe_routes)):
-        wrong = _mismatched_tokens(captured, recorded)
+        wrong = forced_mismatches(captured, recorded)
         extra[f"{name}_routes_mismatched_tokens"] = wrong
         if wrong:
             problems.append(f"with the {name} routes forced, {wrong} (token, layer) pairs ran other experts")
-    gradients = _router_gradients(model, -torch.cat(forced.logprobs).sum())
+    gradients = router_gradient_norms(model, -torch.cat(forced.logprobs).sum())
     extra["router_grad_norms"] = gradients
     if bad := [i for i, norm in enumerate(gradients) if not (norm > 0 and torch.isfinite(torch.tensor(norm)))]:
         problems.append(f"router parameters of layers {bad} got no (or a non-finite) gradient through the replay")

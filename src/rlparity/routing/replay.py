@@ -215,3 +215,21 @@ def replayed_pass(model: torch.nn.Module, token_ids: Sequence[Sequence[int]], pa
     it (RouterReplay's weights)."""
     with replay(model, routes, [len(sequence) for sequence in token_ids], **options):
         return run_pass(model, token_ids, pad_id, train=train, grad=grad)
+
+
+def forced_mismatches(ran: Sequence[Routing], forced: Sequence[Routing]) -> int:
+    """(token, layer) pairs whose experts ran other ids, or the same ids in another slot order, than forced."""
+    return sum(int((r.cpu() != f.long().cpu()).any(dim=-1).sum())
+               for got, want in zip(ran, forced) for r, f in zip(got.expert_ids, want.expert_ids))
+
+
+def router_gradient_norms(model: torch.nn.Module, loss: torch.Tensor) -> list[float]:
+    """|grad| (weight and bias together) of each layer's router after loss.backward(); 0 where none arrived."""
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    norms = []
+    for layer in router_layers(model):
+        grads = [p.grad for p in (layer.router.weight, layer.router.bias) if p.grad is not None]
+        norms.append(float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads))) if grads else 0.0)
+    model.zero_grad(set_to_none=True)
+    return norms

@@ -27,8 +27,7 @@ from rlparity.engines.base import Routing
 from rlparity.results import FAIL, PASS, Record
 from rlparity.routing.agreement import compare_routing
 from rlparity.routing.forward import Pass, run_pass
-from rlparity.routing.layers import router_layers
-from rlparity.routing.replay import replayed_pass
+from rlparity.routing.replay import forced_mismatches, replayed_pass, router_gradient_norms
 
 VARIANTS = ("none", "ids", "ids-reversed", "ids+weights", "r2")
 # `rlparity routing --replay` choices: "ids" also measures "ids-reversed" (the slot order of the same replay).
@@ -79,24 +78,6 @@ def engine_weights(routes: Sequence[Routing]) -> list[list[torch.Tensor]]:
 
 def reversed_slots(routes: Sequence[Routing]) -> list[Routing]:
     return [Routing([ids.flip(-1) for ids in routing.expert_ids], routing.router_logits) for routing in routes]
-
-
-def forced_mismatches(ran: Sequence[Routing], forced: Sequence[Routing]) -> int:
-    """(token, layer) pairs whose experts ran other ids, or the same ids in another slot order, than forced."""
-    return sum(int((r.cpu() != f.long().cpu()).any(dim=-1).sum())
-               for got, want in zip(ran, forced) for r, f in zip(got.expert_ids, want.expert_ids))
-
-
-def router_gradient_norms(model: torch.nn.Module, loss: torch.Tensor) -> list[float]:
-    """|grad| (weight and bias together) of each layer's router after loss.backward(); 0 where none arrived."""
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    norms = []
-    for layer in router_layers(model):
-        grads = [p.grad for p in (layer.router.weight, layer.router.bias) if p.grad is not None]
-        norms.append(float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads))) if grads else 0.0)
-    model.zero_grad(set_to_none=True)
-    return norms
 
 
 def variant_passes(model, token_ids, pad_id, variant: str, engine_routes: Sequence[Routing]
