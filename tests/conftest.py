@@ -26,11 +26,11 @@ def hf_micro(micro_checkpoint):
     return open_engine("hf", micro_checkpoint, dtype="float32")
 
 
-def language_sequences(vocab_size: int, lengths) -> list[list[int]]:
+def language_sequences(vocab_size: int, lengths, seed: int = 7) -> list[list[int]]:
     """Seeded sequences of the given lengths from the bundled synthetic language (one block, cut per row)."""
     from rlparity.models.language import Language
 
-    block = next(Language(vocab_size, seed=0).batches(seed=7, batch=len(lengths), seq_len=max(lengths)))
+    block = next(Language(vocab_size, seed=0).batches(seed=seed, batch=len(lengths), seq_len=max(lengths)))
     return [row[:length] for row, length in zip(block, lengths)]
 
 

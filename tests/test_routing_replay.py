@@ -7,11 +7,11 @@ import torch
 from rlparity.engines import open_engine
 from rlparity.engines.base import Routing
 from rlparity.errors import RlparityError
-from rlparity.models.language import Language
 from rlparity.routing.checks import runner_up_routes
 from rlparity.routing.forward import pad_batch, run_pass
 from rlparity.routing.layers import router_layers
 from rlparity.routing.replay import RouterReplay, replayed_pass
+from tests.conftest import language_sequences
 from tests.planted_routing import fused_moe_blocks
 
 LENGTHS = (40, 29, 35)
@@ -24,8 +24,7 @@ def hf(micro_checkpoint):
 
 @pytest.fixture(scope="module")
 def sequences(hf):
-    block = next(Language(hf.config["vocab_size"], seed=0).batches(seed=11, batch=len(LENGTHS), seq_len=max(LENGTHS)))
-    return [row[:length] for row, length in zip(block, LENGTHS)]
+    return language_sequences(hf.config["vocab_size"], LENGTHS, seed=11)
 
 
 @pytest.fixture(scope="module")

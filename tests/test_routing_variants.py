@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from rlparity.engines import open_engine
-from rlparity.models.language import Language
 from rlparity.results import FAIL, PASS
 from rlparity.routing.checks import runner_up_routes
 from rlparity.routing.engines import engine_routes
@@ -19,6 +18,7 @@ from rlparity.routing.variants import (
     reversed_slots,
     variant_table,
 )
+from tests.conftest import language_sequences
 
 LENGTHS = (40, 29, 35)
 
@@ -30,8 +30,7 @@ def hf(micro_checkpoint):
 
 @pytest.fixture(scope="module")
 def sequences(hf):
-    block = next(Language(hf.config["vocab_size"], seed=0).batches(seed=11, batch=len(LENGTHS), seq_len=max(LENGTHS)))
-    return [row[:length] for row, length in zip(block, LENGTHS)]
+    return language_sequences(hf.config["vocab_size"], LENGTHS, seed=11)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ or input error; 3: nothing was checked for an implementation (every cell skipped
 """
 
 import os
-from dataclasses import replace
 
 # Only the standard library and rlparity's light modules until the command runs: the `rlparity` command builds
 # every subcommand's parser, and torch loads only for the one that runs.
@@ -44,14 +43,6 @@ def add_sequence_parallel_parser(checks) -> None:
     parser.set_defaults(run=run)
 
 
-def _names(text: str, table: dict, what: str) -> list[str]:
-    names = [name for name in text.split(",") if name]
-    unknown = [name for name in names if name not in table]
-    if unknown or not names:
-        raise RlparityError(f"unknown {what} {','.join(unknown) or text!r}: expected one of {', '.join(table)}")
-    return names
-
-
 def _process_group(choice: str, world: int) -> str:
     import torch
 
@@ -60,14 +51,8 @@ def _process_group(choice: str, world: int) -> str:
     return choice
 
 
-def _skip_reason(record) -> str:
-    """The reason without the case and dtype it names, so that one line stands for all the cells it skipped."""
-    return record.reason.replace(f" [{record.case.rsplit('-world', 1)[0]}, {record.dtype}]", "")
-
-
 class _Tally(Tally):
-    """The shared tally, with skip reasons freed of the case they name (one line stands for all the cells it
-    skipped) and errors kept whole (with the rank's traceback), printed once per distinct first line."""
+    """The shared tally, with errors kept whole (with the rank's traceback), printed once per distinct first line."""
 
     def __init__(self, names):
         super().__init__(selected=names)
@@ -78,8 +63,7 @@ class _Tally(Tally):
             if record.verdict == ERROR:
                 first_line = (record.reason.splitlines() or [""])[0]
                 self.errors.setdefault(first_line, [record.reason, 0])[1] += 1
-        super().add(*(replace(record, reason=_skip_reason(record)) if record.verdict == SKIP else record
-                      for record in records))
+        super().add(*records)
 
     def print_summary(self) -> None:
         for whole, count in self.errors.values():
@@ -95,7 +79,7 @@ class _Tally(Tally):
 def run(args) -> int:
     import torch
 
-    from rlparity.attention.cases import DTYPES_BY_NAME
+    from rlparity.attention.cases import DTYPES_BY_NAME, named
     from rlparity.parallel.check import SP_CASES, SP_CASES_BY_NAME, SP_DTYPES, MeasureGroup, to_records
     from rlparity.parallel.interface import get_implementation
     from rlparity.parallel.launch import COLLECTIVE_TIMEOUT_S
@@ -107,8 +91,8 @@ def run(args) -> int:
     if timeout <= 0:
         raise RlparityError(f"--timeout is in seconds and must be > 0, got {timeout}")
     implementations = [get_implementation(target, args.inner) for target in args.impl]
-    cases = [case.name for case in SP_CASES] if not args.case else _names(args.case, SP_CASES_BY_NAME, "case")
-    dtypes = _names(args.dtype or ",".join(SP_DTYPES), DTYPES_BY_NAME, "dtype")
+    cases = [case.name for case in SP_CASES] if not args.case else named(SP_CASES_BY_NAME, args.case, "case")
+    dtypes = named(DTYPES_BY_NAME, args.dtype or ",".join(SP_DTYPES), "dtype")
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # an inner Triton kernel runs interpreted on the CPU
     store = ResultStore(args.results or default_results_path("check-sequence-parallel"))

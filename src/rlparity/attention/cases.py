@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rlparity.errors import RlparityError
+
 WINDOW = 16  # the edge cases sit at seq = WINDOW - 1, WINDOW, WINDOW + 1
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
@@ -108,6 +110,16 @@ class Inputs:
 
     def tensors(self):
         return self.q, self.k, self.v, self.sinks
+
+
+def named(table: dict, text: str, what: str) -> list[str]:
+    """The comma-separated names of `text`, each a key of `table` (a command's --case or --dtype), else a one-line
+    error naming the first unknown one."""
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in table]
+    if unknown or not names:
+        raise RlparityError(f"unknown {what} {(unknown or [text])[0]!r}: expected one of {', '.join(table)}")
+    return names
 
 
 def make_inputs(case: Case, dtype: torch.dtype, device: torch.device | str = "cpu") -> Inputs:

@@ -14,29 +14,21 @@ import os
 
 import torch
 
-from rlparity.errors import RlparityError
 from rlparity.results import PASS, SKIP
 from rlparity.tally import Tally
-
-
-def _lookup(table: dict, names: str, what: str) -> list:
-    unknown = [name for name in names.split(",") if name not in table]
-    if unknown:
-        raise RlparityError(f"unknown {what} {unknown[0]!r}: expected one of {', '.join(table)}")
-    return [table[name] for name in names.split(",")]
 
 
 def check_attention(args) -> int:
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any triton import
     from rlparity.attention import get_backend
-    from rlparity.attention.cases import CASES, CASES_BY_NAME, DTYPES_BY_NAME
+    from rlparity.attention.cases import CASES, CASES_BY_NAME, DTYPES_BY_NAME, named
     from rlparity.attention.matrix import SENSITIVITY_CASE, measure, sink_sensitivity, to_records
     from rlparity.results import ResultStore, default_results_path
 
     backend = get_backend(args.backend)
-    dtypes = _lookup(DTYPES_BY_NAME, args.dtype, "dtype")
-    cases = _lookup(CASES_BY_NAME, args.case, "case") if args.case else CASES
+    dtypes = [DTYPES_BY_NAME[name] for name in named(DTYPES_BY_NAME, args.dtype, "dtype")]
+    cases = [CASES_BY_NAME[name] for name in named(CASES_BY_NAME, args.case, "case")] if args.case else CASES
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     store = ResultStore(args.results or default_results_path("check-attention"))
 

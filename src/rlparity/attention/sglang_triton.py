@@ -153,18 +153,6 @@ def _kernels():
         get_device_core_count
 
 
-def sglang_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("sglang")
-    except PackageNotFoundError:
-        return None
-
-
-# ------------------------------------------------------------------------------------------------ layout
-
-
 def _token_pool(batch: TokenBatch, page_size: int):
     """(k_buffer, v_buffer, req_to_token): every sequence's keys at scattered slots of SGLang's token pool.
 
@@ -262,13 +250,8 @@ def attend_extend(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_se
     return batch.restore(o_extend), lse
 
 
-def attend_extend_p1(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None):
-    return attend_extend(q, k, v, sinks, causal=causal, window=window, scale=scale, cu_seqlens=cu_seqlens, page_size=1)
-
-
-def attend_extend_p16(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None):
-    return attend_extend(q, k, v, sinks, causal=causal, window=window, scale=scale, cu_seqlens=cu_seqlens,
-                         page_size=16)
+attend_extend_p1 = functools.partial(attend_extend, page_size=1)
+attend_extend_p16 = functools.partial(attend_extend, page_size=16)
 
 
 # ------------------------------------------------------------------------------------------------ decode
@@ -340,10 +323,5 @@ def attend_decode(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_se
     return batch.restore(o), None
 
 
-def attend_decode_p1(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None):
-    return attend_decode(q, k, v, sinks, causal=causal, window=window, scale=scale, cu_seqlens=cu_seqlens, page_size=1)
-
-
-def attend_decode_p16(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None):
-    return attend_decode(q, k, v, sinks, causal=causal, window=window, scale=scale, cu_seqlens=cu_seqlens,
-                         page_size=16)
+attend_decode_p1 = functools.partial(attend_decode, page_size=1)
+attend_decode_p16 = functools.partial(attend_decode, page_size=16)
