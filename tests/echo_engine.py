@@ -7,6 +7,7 @@ worker and misbehaves on request (hang, exit, fail to start), in milliseconds in
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 from rlparity.engines import wire
@@ -36,6 +37,8 @@ def main() -> int:
         elif request["op"] == "fail":
             responses.write(wire.dumps({"id": request["id"], "ok": False, "error": "RuntimeError: planted failure"}))
             continue
+        elif request["op"] == "temp_file":
+            request["path"] = tempfile.mkstemp(prefix="echo-")[1]
         elif request["op"] == "wrong_id":
             request["id"] += 100
         responses.write(wire.dumps({"id": request["id"], "ok": True, "result": request}))

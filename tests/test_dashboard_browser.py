@@ -1,6 +1,7 @@
 """The dashboard in a real browser (Debian's chromium, headless, through Selenium and chromium-driver): no console
-errors, the charts hold the synthetic history's series and points, the filters change what is shown, and a
-screenshot is written to $RLPARITY_ARTIFACTS (default build/artifacts) for CI to keep."""
+errors, the charts hold the synthetic history's series and points (the frameworks' mismatch metrics among them, the
+folded-away ones drawn full width once unfolded), the filters change what is shown, and a screenshot is written to
+$RLPARITY_ARTIFACTS (default build/artifacts) for CI to keep."""
 
 import os
 import shutil
@@ -9,7 +10,17 @@ from pathlib import Path
 import pytest
 
 from rlparity.report.dashboard import build
-from tests.synthetic_history import ATTENTION_SHAPE, BACKENDS, PLANTED_SLOWDOWN, VERSIONS, write_history_inputs
+from tests.synthetic_history import (
+    ATTENTION_SHAPE,
+    BACKENDS,
+    IN_SYNC,
+    LAGGING,
+    PLANTED_SLOWDOWN,
+    TRAINER_STEPS,
+    VERSIONS,
+    trainer_step_metrics,
+    write_history_inputs,
+)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -76,6 +87,30 @@ def test_the_charts_hold_the_expected_series_and_points(page):
     assert flips[0]["y"] == pytest.approx([0.02, 0.03])
     dlogp = chart(page, "engine-dlogp_max")
     assert len(dlogp) == 2 and all(len(trace["x"]) == 2 for trace in dlogp)  # two pairs, one point per version
+
+
+def test_the_framework_metrics_are_drawn_under_their_names(page):
+    drift = chart(page, "fw-steps-train-train_rollout_logprob_abs_diff")
+    assert sorted(trace["name"] for trace in drift) == sorted(f"{s} · trainer/drift" for s in (IN_SYNC, LAGGING))
+    for trace in drift:
+        subject = trace["name"].split(" · ")[0]
+        assert trace["x"] == list(range(TRAINER_STEPS))
+        assert trace["y"] == pytest.approx([trainer_step_metrics(subject, step)["train/train_rollout_logprob_abs_diff"]
+                                            for step in range(TRAINER_STEPS)], rel=1e-15)
+    # the title as drawn: Plotly joins its lines (title, framework · meaning) with a zero-width space
+    title = "return document.getElementById(arguments[0]).querySelector('.gtitle').textContent.split('\u200b')"
+    assert page.execute_script(title, "fw-pairs-rollout_corr-sequence-rollout_is_eff_sample_size")[:2] == [
+        "rollout_corr/rollout_is_eff_sample_size", "verl · sequence level (verl's default)"]
+    assert page.execute_script(title, "fw-steps-train-token_mult_prob_error")[0] == "train/token_mult_prob_error"
+    assert len(chart(page, "fw-pairs-training-rollout_probs_diff_max")) == 2  # the two engine pairs
+
+    width = "return document.getElementById(arguments[0]).querySelector('.main-svg').getBoundingClientRect().width"
+    folded = "fw-steps-rollout_corr-kl"
+    page.execute_script("document.getElementById(arguments[0]).closest('details').open = true", folded)
+    page.execute_script("return new Promise(resolve => requestAnimationFrame(resolve))")
+    beside = page.execute_script(width, "fw-steps-rollout_corr-k3_kl")
+    assert page.execute_script(width, folded) == pytest.approx(beside, abs=2)  # resized to its column when unfolded
+    page.execute_script("document.getElementById(arguments[0]).closest('details').open = false", folded)
 
 
 def test_the_verdict_filters_change_what_is_shown(page):

@@ -108,6 +108,15 @@ def test_close_shuts_down_and_removes_the_log():
     engine.close()  # idempotent
 
 
+def test_the_engines_temporary_files_go_with_its_folder(tmp_path):
+    engine = echo_engine(log_path=tmp_path / "echo.log")
+    engine.start(timeout=30)
+    temp_file = Path(engine.request("temp_file", QUICK_S)["path"])
+    assert temp_file.parent == engine.workdir and temp_file.is_file()
+    engine.close()
+    assert not temp_file.exists() and not engine.workdir.exists()
+
+
 def test_a_log_that_was_asked_for_stays(tmp_path):
     engine = echo_engine(log_path=tmp_path / "echo.log")
     engine.start(timeout=30)

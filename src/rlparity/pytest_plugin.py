@@ -13,6 +13,8 @@ The verdict only acts in a run of the conformance suite (its conftest.py calls `
 elsewhere (rlparity's own tests) the plugin is inert.
 """
 
+import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,20 @@ MARKERS = (
     "engine_sglang: needs SGLang (GPU only)",
 )
 FILTERWARNINGS = ("ignore:.*flex_attention called without torch.compile.*:UserWarning",)
+# Every test's time limit (pytest-timeout: setup, call and teardown together), so nothing hangs CI; here, not in a
+# pytest.ini, so the installed suite (`rlparity conformance` from any folder) has it too. --timeout, $PYTEST_TIMEOUT
+# or an ini `timeout` replace it; a test that needs longer carries @pytest.mark.timeout(seconds).
+# Measured (2026-12, the 2-core CPU machine shared with other jobs, load 4-8): the slowest tests take 101 s
+# (conformance test_planted_window_mismatch_is_caught; then 76 s, 75 s; in tests/ 66 s, test_trainer_fsdp), and on a
+# cold cache the first test that needs the tiny model and its SFT warm start builds them (179 s + 79 s in CI logs):
+# 359 s at worst. 600 s is that times 1.7, and above every time limit of rlparity's own that a test waits on
+# (vLLM start 300 s + a request 120 s; subprocesses of 300 s), so those report first.
+DEFAULT_TEST_TIMEOUT_S = 600.0
+# "signal" (SIGALRM): the timeout is an exception raised inside the test, so its fixtures' teardown still runs
+# (engine processes and worker ranks are stopped) and the session goes on to its verdict and summary. "thread" would
+# dump the stacks and os._exit the whole pytest process: no teardown, children left alive, no results summary.
+# (SIGALRM is handled once the main thread is back in Python: a single long C call runs to its end first.)
+TIMEOUT_METHOD = "signal"
 _VERDICTS_KEY = pytest.StashKey["Verdicts"]()
 _COMPONENTS_KEY = pytest.StashKey["Components"]()
 
@@ -114,6 +130,7 @@ def pytest_configure(config):
         config.addinivalue_line("markers", marker)
     for warning in FILTERWARNINGS:
         config.addinivalue_line("filterwarnings", warning)
+    _default_timeout(config)
     if config.getoption("--require-cuda"):
         import torch
 
@@ -131,6 +148,17 @@ def pytest_configure(config):
         _usage_error(str(exc))
     path = config.getoption("--results") or default_results_path("conformance")
     config.stash[_VERDICTS_KEY] = Verdicts(path, components.names, known)
+
+
+def _default_timeout(config) -> None:
+    """DEFAULT_TEST_TIMEOUT_S and TIMEOUT_METHOD where pytest-timeout is installed and nothing else set them; runs
+    before pytest-timeout's own pytest_configure (tryfirst), which reads config.option."""
+    if not config.pluginmanager.hasplugin("timeout"):
+        return
+    if config.option.timeout is None and not os.environ.get("PYTEST_TIMEOUT") and not config.getini("timeout"):
+        config.option.timeout = DEFAULT_TEST_TIMEOUT_S
+    if config.option.timeout_method is None and not config.getini("timeout_method") and hasattr(signal, "SIGALRM"):
+        config.option.timeout_method = TIMEOUT_METHOD
 
 
 def _resolve_components(config) -> Components:

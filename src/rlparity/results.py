@@ -1,5 +1,6 @@
 """Result records (one JSON object per line), the environment fingerprint, and an append-only store."""
 
+import fcntl
 import functools
 import json
 import os
@@ -74,8 +75,30 @@ def default_results_path(kind: str) -> Path:
     return directory / f"{kind}-{stamp}-{os.getpid()}.jsonl"
 
 
+def append_line(path: Path, line: str) -> None:
+    """Appends `line` (ending in a newline) whole, whatever else appends to the file at the same time.
+
+    One os.write on an O_APPEND descriptor (a buffered text file may split a long line over several), under an
+    exclusive flock: appenders that take it (every ResultStore) never interleave, even where the kernel writes
+    short. A file whose last line is torn (a killed run) gets a newline first, so this line starts a line of its own
+    and the torn one stays a line of its own that readers skip.
+    """
+    data = line.encode()
+    descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        size = os.fstat(descriptor).st_size
+        if size and os.pread(descriptor, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        view = memoryview(data)
+        while view:
+            view = view[os.write(descriptor, view):]
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
 class ResultStore:
-    """Appends records to a JSON-lines file, flushing each, so nothing is lost if the run dies."""
+    """Appends records to a JSON-lines file, one whole line each, so nothing is lost if the run dies."""
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
@@ -87,13 +110,12 @@ class ResultStore:
         engines = row.pop("engines")
         environment = environment_fingerprint() | ({"engines": engines} if engines else {})
         row |= {"time": time.time(), "environment": environment}
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        append_line(self.path, json.dumps(row) + "\n")
         self.count += 1
 
 
 class TornLineWarning(UserWarning):
-    """The last line of a results file was cut short: the run that wrote it was killed mid-write."""
+    """A line of a results file was cut short: the run that wrote it was killed mid-write."""
 
 
 def _gzip_text(path: Path) -> str:
@@ -120,8 +142,9 @@ def read_records(path: Path | str) -> list[dict]:
     """The JSON objects of a results file (one a line), gzip-compressed when its name ends in .gz.
 
     ResultStore.append writes each line whole, so a run killed mid-write leaves at most its last line
-    torn (no newline, not valid JSON): that line is skipped with a TornLineWarning naming file and line.
-    Any other line that is not a JSON object is an RlparityError naming file and line.
+    torn (no newline, not valid JSON); a run appending after it ends that line first, leaving it torn in the
+    middle (a record cut short: it starts with "{" and does not parse). Either is skipped with a TornLineWarning
+    naming file and line. Any other line that is not a JSON object is an RlparityError naming file and line.
     """
     path = Path(path)
     rows = []
@@ -135,6 +158,10 @@ def read_records(path: Path | str) -> list[dict]:
                 warnings.warn(f"{path}:{number}: skipped a torn last line (the run was killed mid-write?)",
                               TornLineWarning, stacklevel=2)
                 break
+            if line.lstrip().startswith("{"):
+                warnings.warn(f"{path}:{number}: skipped a torn line (a run killed mid-write, then appended to?)",
+                              TornLineWarning, stacklevel=2)
+                continue
             raise RlparityError(f"{path}:{number}: expected a JSON record, got {line.strip()[:60]!r} ({exc.msg})") \
                 from None
         if not isinstance(row, dict):

@@ -8,7 +8,7 @@ FlashAttention.
 
 import torch
 
-from rlparity.attention.contract import split_cu_seqlens
+from rlparity.attention.contract import check_inputs, split_cu_seqlens
 from rlparity.reference.attention import default_scale, query_key_positions, visibility
 
 BLOCK_K = 64
@@ -102,6 +102,7 @@ class ChunkedSinkAttention(torch.autograd.Function):
 
 
 def attend(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None, block=BLOCK_K):
+    check_inputs(q, k, v, sinks, causal=causal, window=window, scale=scale, cu_seqlens=cu_seqlens, where="chunked")
     scale = default_scale(q.shape[-1]) if scale is None else scale
     cu_q, cu_k = (None, None) if cu_seqlens is None else split_cu_seqlens(cu_seqlens)
     return ChunkedSinkAttention.apply(q, k, v, sinks, causal, window, scale, cu_q, cu_k, block)

@@ -9,7 +9,7 @@ path builds (q.k * scaling + mask, with the sink column), in the input dtype.
 import torch
 from torch import nn
 
-from rlparity.attention.contract import refuse_query_key_pair
+from rlparity.attention.contract import check_inputs, refuse_query_key_pair
 from rlparity.reference.attention import sequence_ids
 
 
@@ -44,8 +44,13 @@ def transformers_mask(batch, seq_q, seq_k, *, causal, window, cu_seqlens, dtype,
 def attend(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None):
     from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward, repeat_kv
 
+    check_inputs(q, k, v, sinks, causal=causal, window=window, scale=scale, cu_seqlens=cu_seqlens, where="eager")
     refuse_query_key_pair(cu_seqlens, "eager", "transformers' masks give every query of a batch one offset")
     batch, heads_q, seq_q, head_dim = q.shape
+    if seq_q > k.shape[2]:  # found by reliability/test_properties_attention.py: the rows came back as sink-only
+        raise NotImplementedError(f"eager: transformers' masks place queries at positions seq_k - seq_q + i and mask "
+                                  f"negative ones entirely, so seq_q={seq_q} > seq_k={k.shape[2]} is not a pattern "
+                                  f"transformers runs")
     scaling = head_dim**-0.5 if scale is None else scale
     groups = heads_q // k.shape[1]
     mask = transformers_mask(batch, seq_q, k.shape[2], causal=causal, window=window, cu_seqlens=cu_seqlens,

@@ -74,8 +74,8 @@ def _sink_parameter(fn) -> str | None:
     return next((name for name in SINK_PARAMETER_NAMES if name in params), None)
 
 
-def _check(q, k, v, sinks, window, cu_seqlens, where):
-    check_inputs(q, k, v, sinks, window=window, cu_seqlens=cu_seqlens, where=where)
+def _check(q, k, v, sinks, window, cu_seqlens, where, causal=True, scale=None):
+    check_inputs(q, k, v, sinks, causal=causal, window=window, scale=scale, cu_seqlens=cu_seqlens, where=where)
     refuse_query_key_pair(cu_seqlens, where, "the builds take cu_seqlens_q and cu_seqlens_k, but the adapter passes "
                           "one offset tensor for both; not wired until it can be run on a GPU")
     _check_build_limits(q, where)
@@ -173,7 +173,7 @@ def backward_probe_fa3(device: torch.device) -> str:
 
 def attend_fa3(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None):
     where = "fa3 (flash_attn_interface)"
-    _check(q, k, v, sinks, window, cu_seqlens, where)
+    _check(q, k, v, sinks, window, cu_seqlens, where, causal, scale)
     module = _fa3_module()
     scale = default_scale(q.shape[-1]) if scale is None else scale
     options = dict(softmax_scale=scale, causal=causal, window_size=window_size(window, causal),
@@ -231,7 +231,7 @@ def backward_probe_vllm_fa3(device: torch.device) -> str:
 
 def attend_vllm_fa3(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None):
     where = "vllm_fa3 (vllm.vllm_flash_attn)"
-    _check(q, k, v, sinks, window, cu_seqlens, where)
+    _check(q, k, v, sinks, window, cu_seqlens, where, causal, scale)
     module = _vllm_module()
     batch, heads_q, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
@@ -288,7 +288,7 @@ def backward_probe_fa4(device: torch.device) -> str:
 
 def attend_fa4(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None):
     where = "fa4 (flash_attn.cute)"
-    _check(q, k, v, sinks, window, cu_seqlens, where)
+    _check(q, k, v, sinks, window, cu_seqlens, where, causal, scale)
     module = _fa4_module()
     scale = default_scale(q.shape[-1]) if scale is None else scale
     options = dict(softmax_scale=scale, causal=causal, window_size=window_size(window, causal, none=None),

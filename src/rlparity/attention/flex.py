@@ -10,6 +10,7 @@ from the same visibility rule as the reference. On CPU torch runs flex uncompile
 
 import torch
 
+from rlparity.attention.contract import check_inputs
 from rlparity.attention.registry import AVAILABLE
 from rlparity.reference.attention import default_scale, query_key_positions
 
@@ -92,6 +93,7 @@ def attend_masked(flex_attention, q, k, v, sinks, mask, scale=None):
 
 
 def _attend(flex_attention, q, k, v, sinks, causal, window, scale, cu_seqlens):
+    check_inputs(q, k, v, sinks, causal=causal, window=window, scale=scale, cu_seqlens=cu_seqlens, where="flex")
     mask = block_mask(q.shape[2], k.shape[2], causal=causal, window=window, cu_seqlens=cu_seqlens,
                       device=q.device)
     return attend_masked(flex_attention, q, k, v, sinks, mask, scale)

@@ -2,10 +2,12 @@
 
 import torch
 
+from rlparity.attention.contract import check_inputs
 from rlparity.reference import sink_attention
 
 
 def attend(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None):
+    check_inputs(q, k, v, sinks, causal=causal, window=window, scale=scale, cu_seqlens=cu_seqlens, where="reference")
     out, lse = sink_attention(
         q.double(), k.double(), v.double(), sinks.double(),
         causal=causal, window=window, scale=scale, cu_seqlens=cu_seqlens,

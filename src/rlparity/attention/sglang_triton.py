@@ -194,8 +194,8 @@ def _sliding_window_size(window: int | None) -> int:
     return window - 1
 
 
-def _check(q, k, v, sinks, window, cu_seqlens, where):
-    check_inputs(q, k, v, sinks, window=window, cu_seqlens=cu_seqlens, where=where)
+def _check(q, k, v, sinks, window, cu_seqlens, where, causal=True, scale=None):
+    check_inputs(q, k, v, sinks, causal=causal, window=window, scale=scale, cu_seqlens=cu_seqlens, where=where)
     if q.dtype not in SUPPORTED_DTYPES:
         raise RlparityError(f"{where}: expected q of dtype float32, bfloat16 or float16, got {q.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -213,7 +213,7 @@ def _check(q, k, v, sinks, window, cu_seqlens, where):
 def attend_extend(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=None, page_size=1):
     """extend_attention_fwd on every case whose queries are the last tokens of their sequences."""
     where = f"sglang extend (page size {page_size})"
-    _check(q, k, v, sinks, window, cu_seqlens, where)
+    _check(q, k, v, sinks, window, cu_seqlens, where, causal, scale)
     if not causal and window is not None:
         raise NotImplementedError("SGLang's non-causal extend applies a window on both sides of the query; "
                                   "the contract's window is one-sided")
@@ -293,7 +293,7 @@ def attend_decode(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_se
     what SGLang's FlashInfer decode reads and its extend kernel sees.
     """
     where = f"sglang decode (page size {page_size})"
-    _check(q, k, v, sinks, window, cu_seqlens, where)
+    _check(q, k, v, sinks, window, cu_seqlens, where, causal, scale)
     batch = token_batch(q, k, v, cu_seqlens)
     if any(q_len != 1 for q_len in batch.q_lens):
         raise NotImplementedError("SGLang's decode kernel takes exactly one query per sequence; cases with more "

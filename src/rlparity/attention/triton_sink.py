@@ -309,7 +309,8 @@ def attend(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlens=N
 
     `config` overrides the tile sizes of `block_config(device, head_dim, dtype)`, e.g. for a benchmark.
     """
-    check_inputs(q, k, v, sinks, window=window, cu_seqlens=cu_seqlens, where="triton sink attention")
+    check_inputs(q, k, v, sinks, causal=causal, window=window, scale=scale, cu_seqlens=cu_seqlens,
+                 where="triton sink attention")
     refuse_query_key_pair(cu_seqlens, "triton", "its varlen kernels align each sequence's queries with its keys")
     kernels = _kernels()
     _check_supported(q, k, v, sinks, kernels)

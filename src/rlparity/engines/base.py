@@ -11,6 +11,8 @@ Optional capabilities, each a protocol of its own:
     hidden_states(token_ids) -> {name: tensor}  activations at the capture points, per layer
 """
 
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,15 @@ from rlparity.errors import RlparityError
 from rlparity.models.tokenizer_info import TokenizerInfo, require_same_tokenizer
 
 LOGPROB_MODES = ("raw", "processed")
+
+
+def is_int(value) -> bool:
+    """A Python or numpy integer; not a bool (True is no token id, prompt length or top_k)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -43,13 +54,13 @@ class Sampling:
     def __post_init__(self):
         if self.logprobs not in LOGPROB_MODES:
             raise RlparityError(f"Sampling.logprobs must be one of {LOGPROB_MODES}, got {self.logprobs!r}")
-        if not self.temperature > 0:
-            raise RlparityError(f"Sampling.temperature must be > 0, got {self.temperature} (greedy decoding has no "
-                                "sampling distribution to report log-probs of)")
-        if not 0 < self.top_p <= 1:
-            raise RlparityError(f"Sampling.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise RlparityError(f"Sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not is_real(self.temperature) or not 0 < self.temperature < math.inf:
+            raise RlparityError(f"Sampling.temperature must be > 0 and finite, got {self.temperature!r} (greedy "
+                                "decoding has no sampling distribution to report log-probs of)")
+        if not is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise RlparityError(f"Sampling.top_p must be in (0, 1], got {self.top_p!r}")
+        if not is_int(self.top_k) or self.top_k < 0:
+            raise RlparityError(f"Sampling.top_k must be >= 0 (0 = off) and an int, got {self.top_k!r}")
 
 
 RAW = Sampling()
@@ -134,30 +145,55 @@ def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
 
 
 def check_request(engine: str, token_ids: Sequence[Sequence[int]], prompt_len: Sequence[int], max_len: int,
-                  vocab_size: int) -> None:
-    """Rejects a logprobs request an engine cannot answer, naming the sequence and what was wrong."""
-    if isinstance(prompt_len, int) or len(prompt_len) != len(token_ids):
-        got = prompt_len if isinstance(prompt_len, int) else f"{len(prompt_len)} prompt lengths"
+                  vocab_size: int) -> list[list[int]]:
+    """The sequences as lists of ints, or an RlparityError naming the argument, the sequence and what was wrong."""
+    if isinstance(token_ids, torch.Tensor) and token_ids.dim() == 2:
+        token_ids = list(token_ids)
+    if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence):
+        raise RlparityError(f"{engine}: expected token_ids to be a list of sequences of token ids, got "
+                            f"{type(token_ids).__name__}")
+    if len(token_ids) == 0:
+        raise RlparityError(f"{engine}: token_ids holds no sequences; expected at least one")
+    if isinstance(prompt_len, torch.Tensor):
+        prompt_len = prompt_len.tolist()
+    is_list = isinstance(prompt_len, Sequence) and not isinstance(prompt_len, (str, bytes))
+    if not is_list or len(prompt_len) != len(token_ids):
+        got = f"{len(prompt_len)} prompt lengths" if is_list else repr(prompt_len)
         raise RlparityError(f"{engine}: expected one prompt length per sequence ({len(token_ids)}), got {got}")
+    sequences = []
     for i, (sequence, prompt) in enumerate(zip(token_ids, prompt_len)):
-        check_sequence(engine, sequence, max_len, vocab_size, where=f"sequence {i}")
-        if not 1 <= prompt < len(sequence):
-            raise RlparityError(f"{engine}: sequence {i} has {len(sequence)} tokens and prompt_len {prompt}; expected "
-                                f"1 <= prompt_len < {len(sequence)} (the first token has no log-prob, and at least one "
-                                f"response token is needed)")
+        sequences.append(check_sequence(engine, sequence, max_len, vocab_size, where=f"sequence {i}"))
+        length = len(sequences[-1])
+        if not is_int(prompt) or not 1 <= prompt < length:
+            raise RlparityError(f"{engine}: sequence {i} has {length} tokens and prompt_len {prompt!r}; expected "
+                                f"1 <= prompt_len < {length}, an int (the first token has no log-prob, and at least "
+                                f"one response token is needed)")
+    return sequences
 
 
 def check_sequence(engine: str, sequence: Sequence[int], max_len: int, vocab_size: int,
-                   where: str = "the sequence") -> None:
+                   where: str = "the sequence") -> list[int]:
+    """The sequence as a list of ints, or an RlparityError naming it and what was wrong."""
+    if isinstance(sequence, torch.Tensor):
+        if sequence.dim() != 1 or sequence.is_floating_point() or sequence.is_complex() or sequence.dtype == torch.bool:
+            raise RlparityError(f"{engine}: {where} must hold integer token ids, got a {sequence.dtype} tensor of "
+                                f"shape {tuple(sequence.shape)}")
+        sequence = sequence.tolist()
+    if isinstance(sequence, (str, bytes)) or not isinstance(sequence, Sequence):
+        raise RlparityError(f"{engine}: {where} must be a sequence of token ids, got {type(sequence).__name__}")
     if len(sequence) == 0:
         raise RlparityError(f"{engine}: {where} is empty")
     if len(sequence) > max_len:
         raise RlparityError(
             f"{engine}: {where} has {len(sequence)} tokens, more than the engine's max length {max_len}")
+    for token in sequence:
+        if not is_int(token):
+            raise RlparityError(f"{engine}: {where} holds {token!r} ({type(token).__name__}); token ids are ints")
     low, high = min(sequence), max(sequence)
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise RlparityError(f"{engine}: {where} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+    return [int(token) for token in sequence]
 
 
 def engine_max_len(engine: str, requested: int | None, model_max: int, source: Path) -> int:

@@ -80,15 +80,14 @@ class HFEngine:
 
     def logprobs(self, token_ids: Sequence[Sequence[int]], prompt_len: Sequence[int],
                  sampling: Sampling = RAW) -> list[torch.Tensor]:
-        check_request(self.name, token_ids, prompt_len, self.max_len, self.config["vocab_size"])
+        token_ids = check_request(self.name, token_ids, prompt_len, self.max_len, self.config["vocab_size"])
         batch, mask = right_pad(token_ids, self.pad_id)
         logits = self._forward(batch, mask).float()
         return [token_logprobs(logits[i, : len(sequence)], batch[i, : len(sequence)], prompt, sampling)
                 for i, (sequence, prompt) in enumerate(zip(token_ids, prompt_len))]
 
     def _single(self, token_ids: Sequence[int]) -> torch.Tensor:
-        check_sequence(self.name, token_ids, self.max_len, self.config["vocab_size"])
-        return torch.tensor([list(token_ids)])
+        return torch.tensor([check_sequence(self.name, token_ids, self.max_len, self.config["vocab_size"])])
 
     def routing(self, token_ids: Sequence[int]) -> Routing:
         layers = self.model.model.layers

@@ -71,6 +71,10 @@ def interpreter_versions(python: str, packages: tuple[str, ...]) -> dict:
 
 LOG_TAIL_LINES = 40
 CLOSE_TIMEOUT_S = 30.0
+# After the answer pipe closes, how long the process gets to end by itself so that its exit status can be named
+# (a dying process closes the pipe microseconds before the kernel reports it gone); then it is stopped.
+EXIT_GRACE_S = 2.0
+MALFORMED_BYTES_SHOWN = 200  # of a malformed answer, in the error
 
 
 class EngineProcessError(RuntimeError):
@@ -98,7 +102,23 @@ class EngineProcess:
 
     @property
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return self._process is not None and self._exit_status() is None
+
+    def _exit_status(self) -> int | None:
+        """The process's exit status as Popen.returncode gives it (-N: killed by signal N), None while it runs.
+
+        Read without reaping the process: until _stop reaps it, its process group keeps its id, so the group
+        (the engine and anything it spawned) can still be killed as a whole, and no other process can have that id.
+        """
+        if self._process.returncode is not None:
+            return self._process.returncode
+        try:
+            exited = os.waitid(os.P_PID, self._process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # reaped already (by Popen)
+            return self._process.poll()
+        if exited is None:
+            return None
+        return exited.si_status if exited.si_code == os.CLD_EXITED else -exited.si_status
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
@@ -119,12 +139,15 @@ class EngineProcess:
         """Launches the process and waits for its first message, which describes the loaded engine."""
         if self._process is not None:
             raise RuntimeError(f"{self.name} engine already started (pid {self.pid})")
+        # The engine's temporary files go into its own folder, removed with it: vLLM leaves a rendezvous file
+        # (vllm_dist_<uuid>) in the system's temp folder at every start, killed or closed cleanly.
+        env = {**(os.environ if self.env is None else self.env), "TMPDIR": str(self.workdir)}
         read_end, write_end = os.pipe()
         log = open(self.log_path, "ab")
         try:
             self._process = subprocess.Popen(
                 [*self.argv, "--response-fd", str(write_end)], stdin=subprocess.PIPE, stdout=log,
-                stderr=subprocess.STDOUT, pass_fds=(write_end,), env=self.env, cwd=self.workdir,
+                stderr=subprocess.STDOUT, pass_fds=(write_end,), env=env, cwd=self.workdir,
                 # Its own process group: a hung engine and anything it spawned are stopped together.
                 start_new_session=True,
             )
@@ -141,21 +164,25 @@ class EngineProcess:
 
     def request(self, op: str, timeout: float, **fields) -> dict:
         if not self.running:
-            raise self._error(self._exit_description(f"cannot serve {op!r}"))
+            what = self._exit_description(f"cannot serve {op!r}")
+            self._stop()  # what is left of its process group
+            raise self._error(what)
         self._next_id += 1
         request_id = self._next_id
         try:
             self._process.stdin.write(wire.dumps({"id": request_id, "op": op, **fields}))
             self._process.stdin.flush()
         except (BrokenPipeError, OSError) as exc:
-            raise self._error(self._exit_description(f"died before {op!r} was sent ({exc})")) from None
+            what = self._exit_description(f"died before {op!r} was sent ({exc})")
+            self._stop()
+            raise self._error(what) from None
         reply = self._read(request_id, timeout, op)
         if not reply["ok"]:
             raise self._error(f"request {op!r} failed in the engine: {reply['error']}")
         return reply["result"]
 
     def _exit_description(self, what: str) -> str:
-        code = self._process.poll() if self._process is not None else None
+        code = self._exit_status() if self._process is not None else None
         if code is None:
             return what
         how = f"was killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
@@ -170,21 +197,42 @@ class EngineProcess:
                 raise self._error(f"no answer to {op!r} within {timeout:.0f} s; the process was stopped")
             ready, _, _ = select.select([self._responses], [], [], min(remaining, 1.0))
             if not ready:
-                if self._process.poll() is not None:
-                    raise self._error(self._exit_description(f"died while serving {op!r}"))
+                if self._exit_status() is not None:
+                    raise self._died(op)
                 continue
             chunk = os.read(self._responses, 1 << 20)
             if not chunk:
-                self._process.wait(timeout=CLOSE_TIMEOUT_S)
-                raise self._error(self._exit_description(f"died while serving {op!r}"))
+                raise self._died(op)
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
-        reply = wire.loads(line)
+        try:
+            reply = wire.loads(line)
+            reply["result" if reply["ok"] else "error"]  # the fields every answer has
+        except (ValueError, KeyError, TypeError) as exc:  # json, base64 and numpy refuse bad data with ValueError
+            self._stop()
+            raise self._error(f"sent a malformed answer to request {request_id} ({op!r}): {type(exc).__name__}: "
+                              f"{exc}; the answer's first bytes (of {len(line) + 1}) were "
+                              f"{line[:MALFORMED_BYTES_SHOWN]!r}; the process was stopped") from None
         if reply.get("id") != request_id:
             self._stop()
             raise self._error(f"answered request {reply.get('id')!r} while {request_id} ({op!r}) was expected; "
                               "the process was stopped")
         return reply
+
+    def _died(self, op: str) -> EngineProcessError:
+        """The answer pipe closed or the process ended: waits briefly for its exit status, then stops what is left
+        of its process group."""
+        waited = time.monotonic() + EXIT_GRACE_S
+        while self._exit_status() is None and time.monotonic() < waited:
+            time.sleep(0.05)
+        what = self._exit_description(f"died while serving {op!r}")
+        if self._exit_status() is None:
+            what += " (it closed its answer pipe and was stopped)"
+        if self._buffer:
+            what += (f"; it had sent {len(self._buffer)} bytes of an unfinished answer: "
+                     f"{self._buffer[:MALFORMED_BYTES_SHOWN]!r}")
+        self._stop()
+        return self._error(what)
 
     def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
         """Asks the engine to shut down, then stops it if it does not. Its folder goes, with the log in it unless an
@@ -202,9 +250,10 @@ class EngineProcess:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
+        """Kills the process group (the engine, alive or not yet reaped, and anything it spawned), then reaps it."""
+        if self._process is not None and self._process.returncode is None:
             try:
-                os.killpg(self._process.pid, signal.SIGKILL)
+                os.killpg(self._process.pid, signal.SIGKILL)  # SIGKILL also ends a stopped (SIGSTOP) process
             except ProcessLookupError:
                 pass
             self._process.wait(timeout=CLOSE_TIMEOUT_S)

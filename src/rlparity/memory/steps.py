@@ -39,12 +39,20 @@ def eager_mask(tokens: int, dtype: torch.dtype, device: torch.device) -> torch.T
     return torch.zeros(1, 1, tokens, tokens, dtype=dtype, device=device)
 
 
+def seeded_like(like: torch.Tensor, shape) -> torch.Tensor:
+    """Seeded normal values of `like`'s dtype and device. Not torch.empty: uninitialised memory may hold NaN or inf,
+    which the attention contract refuses, so a memory check's verdict would depend on what memory held."""
+    if like.device.type == "meta":  # shapes only: there are no values to draw
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    generator = torch.Generator(device=like.device).manual_seed(0)
+    return torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
+
+
 def layer_step(meter: Meter, layer: torch.nn.Module, position_embeddings, tokens: int,
                attention_mask: torch.Tensor | None = None) -> MemoryReport:
     """Forward and backward of one decoder layer on [1, tokens, hidden] (its input requiring grad)."""
     parameter = next(layer.parameters())
-    hidden = torch.empty(1, tokens, layer.hidden_size, dtype=parameter.dtype, device=parameter.device,
-                         requires_grad=True)
+    hidden = seeded_like(parameter, (1, tokens, layer.hidden_size)).requires_grad_()
     with meter, meter.watch(layer):
         meter.adopt(layer.parameters(), WEIGHTS)
         meter.adopt([hidden, *position_embeddings], INPUTS)
@@ -53,7 +61,7 @@ def layer_step(meter: Meter, layer: torch.nn.Module, position_embeddings, tokens
         with meter.phase(FORWARD_PHASE):
             out = layer(hidden, attention_mask=attention_mask, position_embeddings=position_embeddings)
         with meter.phase(BACKWARD_PHASE):
-            out.backward(torch.empty_like(out))
+            out.backward(seeded_like(out, out.shape))
             del out
     return meter.report()
 
@@ -61,7 +69,7 @@ def layer_step(meter: Meter, layer: torch.nn.Module, position_embeddings, tokens
 def layer_eval_forward(meter: Meter, layer: torch.nn.Module, position_embeddings, tokens: int) -> MemoryReport:
     """One decoder layer's forward without autograd, as log-probs are recomputed in eval mode."""
     parameter = next(layer.parameters())
-    hidden = torch.empty(1, tokens, layer.hidden_size, dtype=parameter.dtype, device=parameter.device)
+    hidden = seeded_like(parameter, (1, tokens, layer.hidden_size))
     with meter, meter.watch(layer), torch.no_grad():
         meter.adopt(layer.parameters(), WEIGHTS)
         meter.adopt([hidden, *position_embeddings], INPUTS)
@@ -80,7 +88,9 @@ def logprob_step(meter: Meter, hidden: torch.Tensor, weight: torch.Tensor, targe
             logp, entropy = logprobs(hidden, weight, targets, chunk)
             meter.tag_graph((logp, entropy), hidden, LOGPROB_KIND)
         with meter.phase(BACKWARD_PHASE):
-            torch.autograd.backward([logp, entropy], [torch.empty_like(logp), torch.empty_like(entropy)])
+            gradients = [seeded_like(logp, logp.shape), seeded_like(entropy, entropy.shape)]
+            torch.autograd.backward([logp, entropy], gradients)
+            del gradients
             del logp, entropy
     return meter.report()
 

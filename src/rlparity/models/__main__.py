@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(parser.parse_args(argv))
     except RlparityError as exc:
-        log(f"error: {exc}")
+        log(f"rlparity: error: {exc}")
         return 2
 
 

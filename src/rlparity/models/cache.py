@@ -43,38 +43,62 @@ def sha256_file(path: Path) -> str:
     return sha256_bytes(path.read_bytes())
 
 
-def file_hashes(folder: Path) -> dict[str, str]:
+def file_hashes(folder: Path, manifest_file: str = MANIFEST_FILE) -> dict[str, str]:
     return {path.name: sha256_file(path) for path in sorted(folder.iterdir())
-            if path.is_file() and path.name != MANIFEST_FILE}
+            if path.is_file() and path.name != manifest_file}
 
 
 def rebuild_hint(name: str) -> str:
     return f"delete the folder or rebuild it with `python -m rlparity.models build {name} --force`"
 
 
+# Shared by every cache of built folders (the bundled models here, the SFT warm starts in rlparity.trainer.sft): a
+# build writes into a staging sibling renamed into place once its manifest (every file's sha256) is written, under
+# a file lock; each use re-hashes every file. A damaged folder is refused with a one-line reason, not rebuilt: it
+# may be in use by another process, and a silent rebuild would hide whatever damaged it.
+
+def staging_folder(folder: Path, log: Callable[[str], None] = print) -> Path:
+    """Where a build of `folder` writes before its rename into place, after removing the staging folders of killed
+    builds. Call it holding the folder's lock: no other build of the folder is running then."""
+    for stale in sorted(folder.parent.glob(f"{folder.name}.building-*")):
+        shutil.rmtree(stale)
+        log(f"removed {stale}, left by an interrupted build")
+    return folder.with_name(f"{folder.name}.building-{os.getpid()}")
+
+
+def read_manifest(folder: Path, manifest_file: str, what: str, hint: str, keys=("files",)) -> dict:
+    try:
+        manifest = json.loads((folder / manifest_file).read_text())
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        raise RlparityError(f"{what} is corrupt: its manifest {manifest_file} cannot be read "
+                            f"({type(exc).__name__}: {exc}); {hint}") from exc
+    if not isinstance(manifest, dict) or not all(key in manifest for key in keys):
+        raise RlparityError(f"{what} is corrupt: its manifest {manifest_file} is not a build's manifest (expected "
+                            f"an object with {list(keys)}); {hint}")
+    return manifest
+
+
+def check_files(folder: Path, recorded: dict[str, str], what: str, hint: str,
+                manifest_file: str = MANIFEST_FILE) -> None:
+    """Every file the build recorded hashes as recorded, and there is no other."""
+    present = file_hashes(folder, manifest_file)
+    for file, expected in recorded.items():
+        if file not in present:
+            raise RlparityError(f"{what} is corrupt: {file} is missing; {hint}")
+        if present[file] != expected:
+            raise RlparityError(f"{what} is corrupt: {file} has sha256 {present[file]}, the manifest recorded "
+                                f"{expected}; {hint}")
+    if extra := sorted(set(present) - set(recorded)):
+        raise RlparityError(f"{what} holds files its build did not write: {extra}; {hint}")
+
+
 def verify(folder: Path, name: str, recipe: str) -> dict:
     """The manifest of a cached build, after checking every file against it."""
-    manifest_path = folder / MANIFEST_FILE
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        recorded_files, recorded_recipe = manifest["files"], manifest["recipe_sha256"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise RlparityError(f"cached model {name!r} at {folder} is corrupt: its manifest {MANIFEST_FILE} cannot be "
-                            f"read ({type(exc).__name__}: {exc}); {rebuild_hint(name)}") from exc
-    if recorded_recipe != recipe:
-        raise RlparityError(f"cached model {name!r} at {folder} was built from recipe {recorded_recipe}, expected "
-                            f"{recipe}; {rebuild_hint(name)}")
-    present = file_hashes(folder)
-    for file, expected in recorded_files.items():
-        if file not in present:
-            raise RlparityError(
-                f"cached model {name!r} at {folder} is corrupt: {file} is missing; {rebuild_hint(name)}")
-        if present[file] != expected:
-            raise RlparityError(f"cached model {name!r} at {folder} is corrupt: {file} has sha256 {present[file]}, "
-                                f"the manifest recorded {expected}; {rebuild_hint(name)}")
-    if extra := sorted(set(present) - set(recorded_files)):
-        raise RlparityError(f"cached model {name!r} at {folder} holds files its build did not write: {extra}; "
-                            f"{rebuild_hint(name)}")
+    what, hint = f"cached model {name!r} at {folder}", rebuild_hint(name)
+    manifest = read_manifest(folder, MANIFEST_FILE, what, hint, keys=("files", "recipe_sha256"))
+    if manifest["recipe_sha256"] != recipe:
+        raise RlparityError(f"{what} was built from recipe {manifest['recipe_sha256']}, expected {recipe}; {hint}")
+    check_files(folder, manifest["files"], what, hint)
     return manifest
 
 
@@ -111,9 +135,7 @@ def check_weights_recorded(name: str, manifest: dict) -> None:
 
 
 def _build_into(name: str, recipe: str, folder: Path, log: Callable[[str], None]) -> None:
-    for stale in folder.parent.glob(f"{folder.name}.building-*"):
-        shutil.rmtree(stale)  # left by an interrupted build; safe to remove while holding the lock
-    staging = folder.with_name(f"{folder.name}.building-{os.getpid()}")
+    staging = staging_folder(folder, log)
     log(f"building bundled model {name!r} into {folder}")
     record = build(load_spec(name), staging, log=log)
     manifest = {"name": name, "recipe_sha256": recipe, "files": file_hashes(staging), **record}

@@ -86,7 +86,10 @@ def _preflight(args) -> int:
             print(f"skipped: {exc}\nnothing was checked for {pair.label}")
             return EXIT_NOTHING_CHECKED
         except EngineFailed as exc:
-            raise RlparityError(str(exc)) from exc
+            if isinstance(exc.__cause__, RlparityError):  # an engine refused its input: exit status 2
+                raise RlparityError(str(exc)) from exc
+            print(f"{pair.label}: error ({exc})")  # an engine failed to start or died: a failed check
+            return 1
     print("\n".join(report.lines()))
     return 0 if report.ok else 1
 

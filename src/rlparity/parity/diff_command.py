@@ -38,6 +38,7 @@ from rlparity.tally import EXIT_NOTHING_CHECKED
 DIFF_TOKENS = 96
 # The engines' max length: room for the tokens; vLLM sizes its KV cache by it.
 MIN_ENGINE_MAX_LEN = 256
+PROPERTY = "logprob_parity.first_diverging_layer"
 
 
 def parse_option(text: str) -> tuple[str, object]:
@@ -99,7 +100,7 @@ def run_diff(args: argparse.Namespace) -> int:
     from rlparity.parity.batch import PARITY_SEED
     from rlparity.parity.diff import diff_sides
     from rlparity.parity.sides import EngineFailed, EnginePool, EngineUnavailable, Side
-    from rlparity.results import FAIL, PASS, Record, ResultStore, default_results_path
+    from rlparity.results import ERROR, FAIL, PASS, Record, ResultStore, default_results_path
 
     if args.tokens < 2:
         raise RlparityError(f"--tokens must be at least 2, got {args.tokens}")
@@ -113,6 +114,8 @@ def run_diff(args: argparse.Namespace) -> int:
     checkpoint = source.folder()
     # room for the tokens, within what the model (and vLLM, one token short of it) accepts
     max_len = min(max(MIN_ENGINE_MAX_LEN, args.tokens), source.config()["max_position_embeddings"] - 1)
+    store = ResultStore(args.results or default_results_path("diff"))
+    subject, case = f"{a.label} vs {b.label}", f"{source.label}:{len(tokens)}tok:{origin}"
     with EnginePool(checkpoint, max_len=max_len) as pool:
         try:
             report = diff_sides(pool, a, b, tokens)
@@ -121,11 +124,16 @@ def run_diff(args: argparse.Namespace) -> int:
             print(f"skipped: {exc}\nnothing was checked for {a.label} vs {b.label}")
             return EXIT_NOTHING_CHECKED
         except EngineFailed as exc:
-            raise RlparityError(str(exc)) from exc
+            if isinstance(exc.__cause__, RlparityError):  # an engine refused its input: exit status 2
+                raise RlparityError(str(exc)) from exc
+            # an engine failed to start or died: the check's error record, exit status 1
+            print(f"{subject}: error ({exc})")
+            store.append(Record(property=PROPERTY, subject=subject, case=case, dtype="", verdict=ERROR,
+                                reason=str(exc), shapes={"tokens": len(tokens)}))
+            print(f"{store.count} records written to {store.path}")
+            return 1
     print("\n".join(report.table()))
-    store = ResultStore(args.results or default_results_path("diff"))
-    store.append(Record(property="logprob_parity.first_diverging_layer", subject=f"{a.label} vs {b.label}",
-                        case=f"{source.label}:{len(tokens)}tok:{origin}", dtype=report.floor_dtype,
+    store.append(Record(property=PROPERTY, subject=subject, case=case, dtype=report.floor_dtype,
                         verdict=FAIL if report.first else PASS,
                         error=max(point.ratio for point in report.points), tolerance=1.0, reason=report.hint,
                         shapes={"tokens": len(tokens)}, extra={"points": [asdict(p) for p in report.points]},

@@ -10,6 +10,7 @@ request for either gets the same error at once instead of a second start.
 
 import contextlib
 import importlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,15 +94,16 @@ class EngineFailed(Exception):
 
 
 class Guarded:
-    """An open engine whose death (EngineProcessError: its process died, hung or failed a request) marks its side
-    failed in the pool and surfaces as EngineFailed; everything else passes through."""
+    """An open engine whose death (EngineProcessError from any of its methods: its process died, hung, failed a
+    request or answered wrong) marks its side failed in the pool and surfaces as EngineFailed; everything else
+    passes through."""
 
     def __init__(self, engine, side: Side, pool: "EnginePool"):
         self._engine, self._side, self._pool = engine, side, pool
 
     def __getattr__(self, name):
         attribute = getattr(self._engine, name)
-        if name not in ("logprobs", "hidden_states", "routing", "capture", "sample"):
+        if name == "close" or not inspect.ismethod(attribute):  # not e.g. an hf engine's model, a module
             return attribute
 
         def guarded(*args, **kwargs):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rlparity.report import page
 from rlparity.report.charts import engine_statistics
+from rlparity.report.frameworks import pair_view, step_view
 from rlparity.report.history import HistoryStore
 from rlparity.report.regressions import benchmark_changes, verdict_changes_between_versions, verdict_changes_over_time
 from rlparity.report.sources import BENCHMARKS, RECORDS, read_sources
@@ -49,6 +50,7 @@ def build(result_paths, benchmark_paths, out: Path | str, history: Path | str | 
                f"(history: {page.esc(store.folder)}). {regressions} regressions.")
     html = page.render(summary, [page.regressions_section(changes, verdict_changes), page.verdicts_section(records),
                                  page.engines_section(engine_statistics(records), between_versions),
+                                 page.frameworks_section([pair_view(records), step_view(records)]),
                                  page.benchmarks_section(benchmarks, changes)])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(html)

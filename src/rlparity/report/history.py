@@ -23,10 +23,13 @@ import uuid
 from pathlib import Path
 
 from rlparity.errors import RlparityError
+from rlparity.report.frameworks import record_framework_metrics, record_step
 from rlparity.report.labels import engine_versions, environment_label
 from rlparity.report.sources import BENCHMARKS, RECORDS, Source
 
-SCHEMA_VERSION = 1
+# 2: records gained framework_metrics (verl's, slime's and NeMo-RL's mismatch metrics by their own names, as JSON)
+# and step (a trainer step's index); rows of version 1 derive both from their payload (rlparity.report.frameworks).
+SCHEMA_VERSION = 2
 
 TAGS = {"schema_version": "INTEGER", "run_id": "VARCHAR", "commit": "VARCHAR", "ingested_at": "DOUBLE",
         "time": "DOUBLE", "sequence": "BIGINT", "source": "VARCHAR", "source_sha256": "VARCHAR",
@@ -34,7 +37,7 @@ TAGS = {"schema_version": "INTEGER", "run_id": "VARCHAR", "commit": "VARCHAR", "
 COLUMNS = {
     RECORDS: TAGS | {"property": "VARCHAR", "subject": "VARCHAR", "case": "VARCHAR", "dtype": "VARCHAR",
                      "verdict": "VARCHAR", "error": "DOUBLE", "tolerance": "DOUBLE", "reason": "VARCHAR",
-                     "shapes": "VARCHAR"},
+                     "shapes": "VARCHAR", "framework_metrics": "VARCHAR", "step": "BIGINT"},
     BENCHMARKS: TAGS | {"name": "VARCHAR", "backend": "VARCHAR", "shape": "VARCHAR", "median_s": "DOUBLE",
                         "min_s": "DOUBLE", "max_s": "DOUBLE", "stddev_s": "DOUBLE", "iqr_s": "DOUBLE",
                         "rounds": "BIGINT", "tflops": "DOUBLE", "pct_of_peak": "DOUBLE", "memory_bytes": "DOUBLE"},
@@ -88,7 +91,9 @@ def record_row(source, row, **tags) -> dict:
     return _tags(source, row, **tags) | {
         "property": row["property"], "subject": row["subject"], "case": row.get("case"), "dtype": row.get("dtype"),
         "verdict": row["verdict"], "error": _number(row.get("error")), "tolerance": _number(row.get("tolerance")),
-        "reason": row.get("reason", ""), "shapes": json.dumps(row.get("shapes"), sort_keys=True)}
+        "reason": row.get("reason", ""), "shapes": json.dumps(row.get("shapes"), sort_keys=True),
+        "framework_metrics": json.dumps(metrics) if (metrics := record_framework_metrics(row)) else None,
+        "step": record_step(row)}
 
 
 def benchmark_row(source, row, **tags) -> dict:

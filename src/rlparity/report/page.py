@@ -2,6 +2,7 @@
 
 Sections, regressions first: regressions, verdicts (filterable by check, subject and environment), engine
 versions (one chart per parity and routing statistic, and the cells whose verdict changed between versions),
+framework metrics (verl's, slime's and NeMo-RL's mismatch metrics per engine pair and per trainer run over its steps),
 benchmarks over time (one chart per metric, and a table).
 """
 
@@ -20,6 +21,7 @@ from rlparity.report.charts import (
     engine_traces,
     run_label,
 )
+from rlparity.report.frameworks import CHARTED, MORE, View, series_colors, traces
 from rlparity.report.regressions import engine_version_text, reproduce_command
 from rlparity.results import VERDICTS
 
@@ -48,12 +50,16 @@ def verdict_span(verdict: str, text: str | None = None) -> str:
     return f'<span class="{esc(verdict)}">{esc(text or verdict)}</span>'
 
 
-def chart(chart_id: str, title: str, traces: list[dict], axis: str = "linear", note: str = "") -> str:
-    y_axis = {"type": axis} if axis == "log" else {"type": axis, "rangemode": "tozero"}
-    text = f"{html.escape(title)}<br><sub>{html.escape(note)}</sub>" if note else html.escape(title)
-    layout = {"title": {"text": text}, "yaxis": y_axis, "height": 380, "margin": {"l": 60, "r": 10, "t": 60},
+def chart(chart_id: str, title: str, traces: list[dict], axis: str = "linear", note: str = "", *,
+          from_zero: bool = True, height: int = 380, x_axis: dict | None = None) -> str:
+    y_axis = {"type": axis, "rangemode": "tozero"} if axis == "linear" and from_zero else {"type": axis}
+    note = html.escape(note).replace("\n", "<br>")  # a second line of the note, where one is given
+    text = f"{html.escape(title)}<br><sub>{note}</sub>" if note else html.escape(title)
+    # titles hang from the top, so the charts of a row line them up whatever the length of their notes
+    layout = {"title": {"text": text, "y": 1, "yref": "container", "yanchor": "top", "pad": {"t": 20}},
+              "yaxis": y_axis, "height": height, "margin": {"l": 60, "r": 10, "t": 64 + 14 * note.count("<br>")},
               "legend": {"font": {"size": 10}, "orientation": "h", "y": -0.2},
-              "xaxis": {"type": "category", "automargin": True}}
+              "xaxis": x_axis or {"type": "category", "automargin": True}}
     data = json.dumps({"id": chart_id, "traces": traces, "layout": layout}).replace("</", "<\\/")
     return f'<div class="chart" id="{chart_id}"></div><script type="application/json" class="chart-data">' \
            f"{data}</script>"
@@ -159,6 +165,56 @@ def engines_section(statistics: dict, version_changes) -> str:
     return "".join(parts) + "</section>"
 
 
+FRAMEWORK_VIEWS = {"pairs": ("Per engine pair, run by run (each run named by the engine versions it ran)",
+                             "No parity records with framework metrics."),
+                   "steps": ("Trainer runs over their steps: a rollout engine whose weight sync lags shows as a line "
+                             "rising from the first step's level", "No trainer step records with framework metrics.")}
+
+
+CSS_DASHES = {"solid": "solid", "dash": "dashed", "dot": "dotted"}  # Plotly's line dashes, for the legend's keys
+
+
+def framework_charts(view: View, metrics) -> str:
+    if view.name == "steps":  # steps are numbers; at most about ten ticks
+        x_axis = {"type": "linear", "title": {"text": "step"}, "dtick": max(1, -(-len(view.x_order) // 10))}
+    else:
+        x_axis = {"type": "category", "automargin": True, "categoryorder": "array", "categoryarray": view.x_order,
+                  "tickvals": view.x_order, "ticktext": [view.x_labels[x] for x in view.x_order]}
+    charts = []
+    for metric in metrics:
+        found, dropped = traces(view, metric)
+        if not found:
+            continue
+        note = f"{metric.framework} · {metric.meaning}" + (f"\n{dropped} points ≤ 0 not drawn on the log axis"
+                                                           if dropped else "")
+        charts.append(f'<div data-metric="{esc(metric.name)}">' + chart(
+            f"fw-{view.name}-{metric.name.replace('/', '-')}", metric.title, found, metric.axis, note,
+            from_zero=False, height=300, x_axis=x_axis) + "</div>")
+    return "".join(charts)
+
+
+def frameworks_section(views: list[View]) -> str:
+    parts = ['<section id="frameworks"><h2>Framework metrics</h2><p>The train–rollout mismatch under the names verl, '
+             "slime and NeMo-RL log it (<code>rlparity.mismatch_metrics</code>), of the same log-probs the checks "
+             "compare: on the engine pairs of the parity checks, and on each trainer step's first training pass "
+             "against its rollout. Hover a line for its values.</p>"]
+    for view in views:
+        title, empty = FRAMEWORK_VIEWS[view.name]
+        parts.append(f"<h3>{esc(title)}</h3>")
+        headline = framework_charts(view, CHARTED)
+        if not headline:
+            parts.append(f"<p>{esc(empty)}</p>")
+            continue
+        keys = "".join(f'<span><i style="border-top:3px {CSS_DASHES[dash]} {color}"></i>{esc(series)}</span>'
+                       for series, color, dash in series_colors(view))
+        parts.append(f'<div class="legend" id="fw-{view.name}-legend">{keys}</div>'
+                     f'<div class="charts compact">{headline}</div>')
+        if more := framework_charts(view, MORE):
+            parts.append(f'<details class="more"><summary>More verl metrics: {", ".join(m.name for m in MORE)}'
+                         f'</summary><div class="charts compact">{more}</div></details>')
+    return "".join(parts) + "</section>"
+
+
 def benchmarks_section(rows: list[dict], changes) -> str:
     if not rows:
         return '<section id="benchmarks"><h2>Benchmarks over time</h2><p>No benchmark files found.</p></section>'
@@ -195,7 +251,10 @@ vertical-align:top}th{background:#f3f3f3;position:sticky;top:0}.pass,.ok{color:#
 .fail,.error{color:#b00020;font-weight:600}.skip{color:#777}tr.regression{background:#fde8eb}
 .filters label{margin-right:1em}.filters select{max-width:22em}
 .chart{min-height:380px;min-width:0}.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(600px,1fr));gap:1em}
-code{font-size:.85em}nav a{margin-right:1em}"""
+code{font-size:.85em}nav a{margin-right:1em}
+.charts.compact{grid-template-columns:repeat(auto-fit,minmax(320px,1fr))}.compact .chart{min-height:300px}
+.legend{margin:.5em 0;font-size:.85em;line-height:1.8}.legend span{margin-right:1.5em;white-space:nowrap}
+.legend i{display:inline-block;width:2em;vertical-align:middle;margin-right:.4em}details.more{margin:.5em 0}"""
 
 SCRIPT = """
 for (const holder of document.querySelectorAll('script.chart-data')) {
@@ -226,6 +285,11 @@ function showShape() {
     Plotly.restyle(div, {visible: div.data.map(trace => !shape || trace.meta === shape)});
   }
 }
+// Where a browser lays a closed <details> out as display:none (Chromium keeps its layout), its charts were drawn
+// without a width: redraw them when unfolded.
+for (const more of document.querySelectorAll('details.more')) {
+  more.addEventListener('toggle', () => more.querySelectorAll('.chart').forEach(div => Plotly.Plots.resize(div)));
+}
 if (document.getElementById('filter-shape')) {
   document.getElementById('filter-shape').addEventListener('change', showShape);
 }
@@ -240,7 +304,7 @@ if (document.getElementById('verdict-grid')) {
 
 def render(summary: str, sections: list[str]) -> str:
     nav = "".join(f'<a href="#{anchor}">{anchor}</a>' for anchor in ("regressions", "verdicts", "engines",
-                                                                       "benchmarks"))
+                                                                       "frameworks", "benchmarks"))
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>rlparity dashboard</title>"
             f"<style>{STYLE}</style><script>{plotly_js()}</script></head><body><h1>rlparity</h1>"
             f"<nav>{nav}</nav><p>{summary}</p>{''.join(sections)}<script>{SCRIPT}</script></body></html>")

@@ -19,7 +19,7 @@ import torch
 
 from rlparity.engines.base import Routing
 from rlparity.errors import RlparityError
-from rlparity.results import FAIL, PASS, Record
+from rlparity.results import ERROR, FAIL, PASS, Record
 from rlparity.routing.agreement import RoutingComparison, compare_routing
 from rlparity.routing.forward import run_pass
 from rlparity.routing.precision import router_precision
@@ -146,6 +146,12 @@ def agreement_record(comparison: RoutingComparison, check: str = "trainer_vs_eng
     return Record(f"{PROPERTY}.{check}", f"{comparison.b} vs {comparison.a}", f"{comparison.tokens}_tokens",
                   _dtype_name(comparison.dtype), verdict, error=float(comparison.bug_flips), tolerance=0.0,
                   reason=reason, shapes=shapes or {}, extra={"comparison": comparison.as_dict()})
+
+
+def engine_error_record(check: str, subject: str, exc: BaseException, shapes: dict | None = None) -> Record:
+    """A check that an engine's failure ended (its process died, hung or answered wrong; the reason ends with the
+    engine's log tail)."""
+    return Record(f"{PROPERTY}.{check}", subject, "engine_failed", "", ERROR, reason=str(exc), shapes=shapes or {})
 
 
 def check_agreement(a: Sequence[Routing], b: Sequence[Routing], names: tuple[str, str], dtype: torch.dtype,

@@ -25,7 +25,7 @@ from rlparity.engine_option import add_engine_argument, register_engines
 from rlparity.errors import RlparityError
 from rlparity.model_option import add_model_arguments, model_source
 from rlparity.parity.diff_command import parse_option
-from rlparity.results import FAIL, ResultStore, default_results_path
+from rlparity.results import ERROR, FAIL, ResultStore, default_results_path
 from rlparity.tally import EXIT_NOTHING_CHECKED
 
 DEFAULT_SEQUENCES, DEFAULT_LENGTH, DEFAULT_SEED = 8, 128, 11
@@ -94,8 +94,9 @@ def prompt_set_sequences(source, count: int, length: int) -> list[list[int]]:
 def routing_command(args) -> int:
     from rlparity.engines import EngineUnavailable
     from rlparity.engines.base import process_versions
+    from rlparity.engines.process import EngineProcessError
     from rlparity.routing.agreement import coarser_dtype, compare_routing
-    from rlparity.routing.checks import agreement_record, precision_record
+    from rlparity.routing.checks import agreement_record, engine_error_record, precision_record
     from rlparity.routing.engines import engine_routes, open_routing_engine, require_routing_engine
     from rlparity.routing.precision import router_precision
     from rlparity.routing.report import agreement_table, census_table
@@ -119,19 +120,23 @@ def routing_command(args) -> int:
     options = (dict(args.a_option), dict(args.b_option))
     results, engines = [], []
     try:
-        for name, dtype, side_options in zip((args.a, args.b), (args.a_dtype, args.b_dtype), options):
-            try:
-                engines.append(open_routing_engine(name, checkpoint, dtype, max_len=args.length, **side_options))
-            except EngineUnavailable as exc:
-                print(f"skipped: {exc}\nnothing was checked for routing {args.a} vs {args.b}")
-                return EXIT_NOTHING_CHECKED
-        a, b = engines
-        names = (a.name, b.name) if a.name != b.name else (f"{a.name} (a)", f"{b.name} (b)")
-        comparison = compare_routing(engine_routes(a, sequences), engine_routes(b, sequences),
-                                     dtype=coarser_dtype(a.dtype, b.dtype), names=names)
-        record = agreement_record(comparison, "agreement", shapes)
-        record.engines = process_versions(a, b)
-        results.append((comparison, record))
+        try:
+            for name, dtype, side_options in zip((args.a, args.b), (args.a_dtype, args.b_dtype), options):
+                try:
+                    engines.append(open_routing_engine(name, checkpoint, dtype, max_len=args.length, **side_options))
+                except EngineUnavailable as exc:
+                    print(f"skipped: {exc}\nnothing was checked for routing {args.a} vs {args.b}")
+                    return EXIT_NOTHING_CHECKED
+            a, b = engines
+            names = (a.name, b.name) if a.name != b.name else (f"{a.name} (a)", f"{b.name} (b)")
+            comparison = compare_routing(engine_routes(a, sequences), engine_routes(b, sequences),
+                                         dtype=coarser_dtype(a.dtype, b.dtype), names=names)
+            record = agreement_record(comparison, "agreement", shapes)
+            record.engines = process_versions(a, b)
+            results.append((comparison, record))
+        except EngineProcessError as exc:  # an engine died, hung or answered wrong: this check's error, the run goes on
+            subject = f"{args.b} vs {args.a}"
+            results.append((None, engine_error_record("agreement", subject, exc, shapes)))
         if args.router_precision:
             for engine in engines:
                 if hasattr(engine, "model") and hasattr(engine, "pad_id"):  # the hf engine: its transformers model
@@ -142,9 +147,10 @@ def routing_command(args) -> int:
             engine.close()
     store = ResultStore(args.results or default_results_path("routing"))
     for comparison, record in results:
-        print("\n".join(agreement_table(comparison.as_dict())))
-        print("\n".join(census_table(comparison.as_dict())))
+        if comparison is not None:
+            print("\n".join(agreement_table(comparison.as_dict())))
+            print("\n".join(census_table(comparison.as_dict())))
         print(f"{record.property}: {record.verdict}" + (f" ({record.reason})" if record.reason else "") + "\n")
         store.append(record)
     print(f"{store.count} records written to {store.path}")
-    return 1 if any(record.verdict == FAIL for _, record in results) else 0
+    return 1 if any(record.verdict in (FAIL, ERROR) for _, record in results) else 0

@@ -6,7 +6,9 @@ sequences; each engine routes and scores every sequence alone. One record per (v
 
 from rlparity.engines import EngineUnavailable
 from rlparity.engines.base import process_versions
-from rlparity.results import FAIL, ResultStore, default_results_path
+from rlparity.engines.process import EngineProcessError
+from rlparity.results import ERROR, FAIL, ResultStore, default_results_path
+from rlparity.routing.checks import engine_error_record
 from rlparity.routing.engines import engine_routes, open_routing_engine
 from rlparity.routing.variants import check, measure_variant, variant_table, weights_unknown
 from rlparity.tally import EXIT_NOTHING_CHECKED
@@ -37,6 +39,9 @@ def replay_command(args, checkpoint, sequences, shapes: dict) -> int:
             except EngineUnavailable as exc:
                 skipped.append(f"skipped {name}: {exc}")
                 continue
+            except EngineProcessError as exc:  # this engine's error record; the other sides go on
+                records.append(engine_error_record("replay", f"{trainer.name} vs {name}", exc, shapes))
+                continue
             try:
                 routes = engine_routes(engine, sequences)
                 logprobs = engine.logprobs(sequences, [1] * len(sequences))
@@ -51,6 +56,8 @@ def replay_command(args, checkpoint, sequences, shapes: dict) -> int:
                     record.engines = process_versions(engine)
                     results.append(result)
                     records.append(record)
+            except EngineProcessError as exc:
+                records.append(engine_error_record("replay", f"{trainer.name} vs {engine.name}", exc, shapes))
             finally:
                 engine.close()
     finally:
@@ -62,11 +69,12 @@ def replay_command(args, checkpoint, sequences, shapes: dict) -> int:
         return EXIT_NOTHING_CHECKED
     print(f"router replay variants: trainer {trainer.name}, {len(sequences)} sequences of {args.length} tokens "
           f"(seed {args.seed}) as one mini-batch")
-    print("\n".join(variant_table(results)))
+    if results:
+        print("\n".join(variant_table(results)))
     store = ResultStore(args.results or default_results_path("routing"))
     for record in records:
         store.append(record)
-        if record.verdict == FAIL:
-            print(f"{record.property} {record.subject} [{record.case}]: fail ({record.reason})")
+        if record.verdict in (FAIL, ERROR):
+            print(f"{record.property} {record.subject} [{record.case}]: {record.verdict} ({record.reason})")
     print(f"{store.count} records written to {store.path}")
-    return 1 if any(record.verdict == FAIL for record in records) else 0
+    return 1 if any(record.verdict in (FAIL, ERROR) for record in records) else 0

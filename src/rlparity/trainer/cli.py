@@ -161,7 +161,7 @@ def main(argv=None) -> int:
         return args.run(args)
     except RlparityError as exc:
         print(f"rlparity train: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_status", 2)
 
 
 if __name__ == "__main__":

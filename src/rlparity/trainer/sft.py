@@ -4,7 +4,8 @@ RL on a pretrained model starts from a policy that already follows the format no
 bundled models have never seen a tool call, so a short supervised run on solved episodes (the calls a
 task needs, their observations, the answer) gives them that. It is a fixture build step like the
 models' own: deterministic (one thread, deterministic kernels, seeded data), cached by a hash of the
-recipe and the base model's folder, built once and reused:
+recipe and the base model's folder, built once and reused, and verified on every use like the models' cache
+(rlparity.models.cache: staging folder, file lock, every file's sha256 in the manifest):
 
     python -m rlparity.trainer.sft tiny        # prints the folder
     sft_checkpoint("tiny") -> Path
@@ -24,12 +25,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from safetensors.torch import save_file
 
 from rlparity.engines.base import right_pad
 from rlparity.errors import RlparityError
-from rlparity.models.cache import cache_root, ensure_model, sha256_file
+from rlparity.models.cache import cache_root, check_files, ensure_model, file_hashes, read_manifest, staging_folder
 from rlparity.models.recipe import language_of
 from rlparity.models.specs import load_spec
 from rlparity.models.train import deterministic_cpu
@@ -43,7 +44,7 @@ from rlparity.trainer.env import (
 )
 from rlparity.trainer.policy import load_policy
 
-SFT_VERSION = 2  # bump when the data, the training code or the manifest below changes
+SFT_VERSION = 3  # bump when the data, the training code or the manifest below changes
 MANIFEST = "rlparity-sft.json"
 LOCK_TIMEOUT_S = 1800
 
@@ -115,28 +116,26 @@ def sft_checkpoint(base: str = "tiny", recipe: SftRecipe = DEFAULT_RECIPE, *, ca
     base_folder = ensure_model(base, cache_dir=cache_dir, log=log)
     folder = cache_root(cache_dir) / "sft" / f"{base}-{recipe_key(base, base_folder, recipe)}"
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock").acquire(timeout=LOCK_TIMEOUT_S):
-        if not (folder / MANIFEST).is_file():
-            _build(base, base_folder, recipe, folder, log)
-        verify_weights_file(folder)
+    lock = FileLock(str(folder) + ".lock")
+    try:
+        with lock.acquire(timeout=LOCK_TIMEOUT_S):
+            if not folder.exists():
+                _build(base, base_folder, recipe, folder, log)
+            verify(folder)
+    except Timeout as exc:
+        raise RlparityError(f"waited {LOCK_TIMEOUT_S}s for another process building the SFT warm start of {base!r} "
+                            f"(lock {lock.lock_file}); if no build is running, delete the lock file") from exc
     return folder
 
 
-def verify_weights_file(folder: Path) -> None:
-    """The cached weights are the ones the build wrote (sha256 in the manifest), checked on every use."""
-    manifest = json.loads((folder / MANIFEST).read_text())
-    weights = folder / "model.safetensors"
-    actual = sha256_file(weights) if weights.is_file() else "missing"
-    if actual != manifest.get("weights_sha256"):
-        raise RlparityError(f"SFT checkpoint {folder} is corrupt: model.safetensors has sha256 {actual}, the build "
-                            f"recorded {manifest.get('weights_sha256')}; delete the folder to rebuild it")
+def verify(folder: Path) -> None:
+    """Every file of the cached checkpoint is the one the build wrote (sha256 in the manifest), checked on every use."""
+    what, hint = f"SFT checkpoint {folder}", f"delete the folder to rebuild it (rm -r {folder})"
+    check_files(folder, read_manifest(folder, MANIFEST, what, hint)["files"], what, hint, MANIFEST)
 
 
 def _build(base: str, base_folder: Path, recipe: SftRecipe, folder: Path, log: Callable[[str], None]) -> None:
-    if folder.exists():
-        shutil.rmtree(folder)  # an interrupted build: the manifest is written last
-    staging = folder.with_name(f"{folder.name}.building-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = staging_folder(folder, log)
     shutil.copytree(base_folder, staging, ignore=shutil.ignore_patterns("*.safetensors*", "rlparity-build.json"))
     start = time.monotonic()
     env = ToolEnvironment(language_of(load_spec(base)))
@@ -148,12 +147,20 @@ def _build(base: str, base_folder: Path, recipe: SftRecipe, folder: Path, log: C
     save_file(weights, str(staging / "model.safetensors"), metadata={"format": "pt"})
     manifest = {"base": base, "base_folder": str(base_folder), "recipe": asdict(recipe), "version": SFT_VERSION,
                 "losses": {"first": losses[0], "last": losses[-1]}, "seconds": round(time.monotonic() - start, 1),
-                "weights_sha256": sha256_file(staging / "model.safetensors")}
+                "files": file_hashes(staging, MANIFEST)}
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(staging, folder)
     log(f"built the SFT warm start of {base!r} into {folder} in {manifest['seconds']}s")
 
 
+def main(argv: list[str]) -> int:
+    try:
+        print(sft_checkpoint(argv[0] if argv else "tiny", log=lambda message: print(message, file=sys.stderr)))
+    except RlparityError as exc:
+        print(f"rlparity: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    print(sft_checkpoint(sys.argv[1] if len(sys.argv) > 1 else "tiny",
-                         log=lambda message: print(message, file=sys.stderr)))
+    sys.exit(main(sys.argv[1:]))

@@ -59,6 +59,13 @@ EVAL_PROPERTY = "trainer.eval"
 EVAL_SEED = 10_007  # held-out tasks: a seed the training task stream (seed 0, 1, ...) does not use
 
 
+class StepFailed(RlparityError):
+    """A training step failed (e.g. its rollout engine died); its error record is written. A failed run, not bad
+    input: commands exit with exit_status."""
+
+    exit_status = 1
+
+
 def masked_mean(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     if weights is None:
         return values.mean()
@@ -279,8 +286,8 @@ class Trainer:
                 reason = f"{type(exc).__name__}: {exc}"
                 self._record(Record(STEP_PROPERTY, self.subject, f"step {index}", "float32", ERROR, reason=reason,
                                          extra={"step": index, "config": self.config.as_dict()}))
-                raise RlparityError(f"train: step {index} of {self.config.steps} failed ({reason}); the metrics of the "
-                                    f"{index} completed steps are in {self.store.path}") from exc
+                raise StepFailed(f"train: step {index} of {self.config.steps} failed ({reason}); the metrics of the "
+                                 f"{index} completed steps are in {self.store.path}") from exc
             self._record(Record(STEP_PROPERTY, self.subject, f"step {index}", "float32", PASS,
                                 extra=metrics | {"config": self.config.as_dict()}))
             self.history.append(metrics)
