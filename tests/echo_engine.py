@@ -11,6 +11,7 @@ import tempfile
 import time
 
 from rlparity.engines import wire
+from rlparity.engines.process import inductor_cache_dir
 
 
 def main() -> int:
@@ -39,6 +40,7 @@ def main() -> int:
             continue
         elif request["op"] == "temp_file":
             request["path"] = tempfile.mkstemp(prefix="echo-")[1]
+            request["inductor_cache"] = os.path.realpath(inductor_cache_dir())
         elif request["op"] == "wrong_id":
             request["id"] += 100
         responses.write(wire.dumps({"id": request["id"], "ok": True, "result": request}))

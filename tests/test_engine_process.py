@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlparity.engines.process import EngineProcess, EngineProcessError
+from rlparity.engines.process import EngineProcess, EngineProcessError, inductor_cache_dir
 
 pytestmark = pytest.mark.multi_process
 
@@ -111,8 +111,11 @@ def test_close_shuts_down_and_removes_the_log():
 def test_the_engines_temporary_files_go_with_its_folder(tmp_path):
     engine = echo_engine(log_path=tmp_path / "echo.log")
     engine.start(timeout=30)
-    temp_file = Path(engine.request("temp_file", QUICK_S)["path"])
+    answer = engine.request("temp_file", QUICK_S)
+    temp_file = Path(answer["path"])
     assert temp_file.parent == engine.workdir and temp_file.is_file()
+    # torch's compile cache, named from the temp folder, leads to the shared one: compiled once, not at every start
+    assert answer["inductor_cache"] == os.path.realpath(inductor_cache_dir())
     engine.close()
     assert not temp_file.exists() and not engine.workdir.exists()
 
