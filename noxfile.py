@@ -111,7 +111,8 @@ def reliability(session):
     concurrently or torn; model caches cut short or edited), generated bad input (hypothesis), every case with its
     expected report and a bound on the time to report it."""
     install(session)
-    session.run(*PYTEST, "reliability", *session.posargs, env={"RLPARITY_VLLM_PYTHON": vllm_python(session)})
+    # -rP: each passing fault test's measured time to report is printed, so every CI log records them
+    session.run(*PYTEST, "reliability", "-rP", *session.posargs, env={"RLPARITY_VLLM_PYTHON": vllm_python(session)})
 
 
 # The engines' own Triton attention kernels, installed for their kernels only (no engine is started): the vLLM

@@ -178,6 +178,7 @@ def test_a_model_build_killed_half_way_is_rebuilt_and_its_staging_removed(tmp_pa
     assert not staging.exists() and staging_of(cache / "models") == []
     assert ensure_model("micro", cache_dir=cache, log=lambda line: None) == folder  # verified against its manifest
     assert {path.name for path in folder.iterdir()} == CHECKPOINT_FILES | {MANIFEST_FILE}
+    print(f"\nmodel build after a killed one: {seconds:.2f} s")
     assert seconds < MODEL_BUILD_BOUND_S
 
 
@@ -194,6 +195,7 @@ def test_two_concurrent_model_builds_make_one_verified_copy(tmp_path):
     assert (err_a + err_b).count("building bundled model 'micro'") == 1  # the other waited on the lock, then verified
     assert [path.name for path in (cache / "models").iterdir() if path.is_dir()] == [folder.name]  # no staging left
     assert ensure_model("micro", cache_dir=cache, log=lambda line: None) == folder
+    print(f"\ntwo model builds at once: {seconds:.2f} s")
     assert seconds < CONCURRENT_MODEL_BUILDS_BOUND_S
 
 
@@ -216,6 +218,7 @@ def test_a_damaged_model_is_refused_in_one_line(micro_cache, kind, command):
     line = assert_one_line_error(code, out, err, pattern)
     assert f"cached model 'micro' at {folder}" in line and "`python -m rlparity.models build micro --force`" in line
     assert snapshot(cache) == before  # nothing removed, nothing rebuilt, no staging folder
+    print(f"\n{kind}: refused in {in_process:.3f} s in process, {seconds:.2f} s from a fresh process")
     assert in_process < IN_PROCESS_REFUSAL_BOUND_S and seconds < REFUSAL_BOUND_S
 
 
@@ -233,6 +236,7 @@ def test_an_sft_build_killed_half_way_is_rebuilt_and_its_staging_removed(micro_c
     assert not staging.exists() and staging_of(cache / "sft") == []
     sft.verify(folder)
     assert {path.name for path in folder.iterdir()} == CHECKPOINT_FILES | {sft.MANIFEST}
+    print(f"\nSFT build after a killed one: {seconds:.2f} s")
     assert seconds < SFT_BUILD_BOUND_S
 
 
@@ -249,6 +253,7 @@ def test_two_concurrent_sft_builds_make_one_verified_copy(micro_cache):
     assert out_b.strip() == str(folder) and (err_a + err_b).count("built the SFT warm start") == 1
     assert [path.name for path in (cache / "sft").iterdir() if path.is_dir()] == [folder.name]
     sft.verify(folder)
+    print(f"\ntwo SFT builds at once: {seconds:.2f} s")
     assert seconds < CONCURRENT_SFT_BUILDS_BOUND_S
 
 
@@ -276,4 +281,5 @@ def test_a_damaged_sft_checkpoint_is_refused_in_one_line(micro_cache, small_sft,
     line = assert_one_line_error(code, out, err, pattern)
     assert f"SFT checkpoint {folder}" in line and f"delete the folder to rebuild it (rm -r {folder})" in line
     assert snapshot(cache) == before and not results.exists()  # refused before anything ran or was written
+    print(f"\n{kind}: refused in {in_process:.3f} s in process, {seconds:.2f} s from a fresh process")
     assert in_process < IN_PROCESS_REFUSAL_BOUND_S and seconds < REFUSAL_BOUND_S

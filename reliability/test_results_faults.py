@@ -148,6 +148,7 @@ def test_concurrent_appenders_lose_no_record_and_interleave_no_line(tmp_path):
             appender.kill()
             appender.wait()
     assert codes == [0] * APPENDERS, [appender.stderr.read()[-2000:] for appender in appenders]
+    print(f"\nconcurrent appends: {seconds:.2f} s")
     assert seconds < CONCURRENT_APPEND_BOUND_S
 
     data = path.read_bytes()
@@ -194,6 +195,7 @@ def test_a_run_killed_while_appending_leaves_at_most_one_torn_last_line(tmp_path
         appender.kill()
         appender.wait()
     assert code == -signal.SIGKILL and appender.poll() is not None  # nothing of the run is left alive
+    print(f"\nfrom the kill to the file read: {seconds:.2f} s")
     assert seconds < KILLED_REPORT_BOUND_S
 
     data = path.read_bytes()
@@ -257,6 +259,7 @@ def test_a_torn_benchmark_log_line_is_skipped_with_a_warning(tmp_path):
 
     assert source.kind == BENCHMARKS and [row["name"] for row in source.rows] == ["test_forward[0]", "test_forward[1]"]
     assert len(torn) == 1 and torn[0].startswith(f"{path}:3: skipped a torn last line")
+    print(f"\nread: {seconds:.2f} s")
     assert seconds < READ_BOUND_S
 
 
@@ -299,4 +302,5 @@ def test_the_dashboard_command_names_each_torn_line_and_keeps_every_whole_record
                       f"warning: {results / 'killed.jsonl'}:4: skipped a torn last line (the run was killed "
                       f"mid-write?)"]
     assert re.search(r": 7 records, 0 benchmark results", err.out)
+    print(f"\ndashboard: {seconds:.2f} s")
     assert seconds < DASHBOARD_BOUND_S
