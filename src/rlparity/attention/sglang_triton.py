@@ -198,8 +198,6 @@ def _check(q, k, v, sinks, window, cu_seqlens, where, causal=True, scale=None):
     check_inputs(q, k, v, sinks, causal=causal, window=window, scale=scale, cu_seqlens=cu_seqlens, where=where)
     if q.dtype not in SUPPORTED_DTYPES:
         raise RlparityError(f"{where}: expected q of dtype float32, bfloat16 or float16, got {q.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise RlparityError(f"{where}: expected k and v in q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
     if q.device.type == "cpu" and "triton" in sys.modules and not _interpreted(sys.modules["triton"]):
         raise RlparityError(f"{where}: CPU tensors need Triton's interpreter: {INTERPRET_HINT}")
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:

@@ -168,13 +168,8 @@ def _check_supported(q, k, v, sinks, kernels):
     if q.dtype not in SUPPORTED_DTYPES:
         hint = " (use the `reference` backend for float64)" if q.dtype == torch.float64 else ""
         raise RlparityError(f"{where}: expected q of dtype float32, bfloat16 or float16, got {q.dtype}{hint}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise RlparityError(f"{where}: expected k and v in q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
     if q.shape[-1] > MAX_HEAD_DIM:
         raise RlparityError(f"{where}: expected head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
-    devices = {t.device for t in (q, k, v, sinks)}
-    if len(devices) != 1:
-        raise RlparityError(f"{where}: expected q, k, v and sinks on one device, got {sorted(map(str, devices))}")
     if q.device.type == "cpu" and not kernels.INTERPRETED:
         raise RlparityError(f"{where}: CPU tensors need Triton's interpreter: {INTERPRET_HINT}")
     if q.device.type == "cpu" and (reason := _interpreter_check()) != AVAILABLE:

@@ -201,7 +201,7 @@ def attend_p1(q, k, v, sinks, *, causal=True, window=None, scale=None, cu_seqlen
 @torch.no_grad()
 def _attend(q, k, v, sinks, page_size, *, causal, window, scale, cu_seqlens):
     check_inputs(q, k, v, sinks, causal=causal, window=window, scale=scale, cu_seqlens=cu_seqlens, where="vllm_triton")
-    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.dtype not in SUPPORTED_DTYPES:  # k and v are in q's dtype (check_inputs)
         raise RlparityError(f"vllm_triton: expected q, k, v of one dtype among float32, bfloat16, float16 (vLLM's "
                             f"TRITON_ATTN dtypes), got {q.dtype}, {k.dtype}, {v.dtype}")
     if not causal and window is not None:

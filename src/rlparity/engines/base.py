@@ -171,6 +171,18 @@ def check_request(engine: str, token_ids: Sequence[Sequence[int]], prompt_len: S
     return sequences
 
 
+def check_raw_logprobs_request(engine: str, token_ids: Sequence[Sequence[int]], prompt_len: Sequence[int],
+                               sampling: Sampling, max_len: int, vocab_size: int, *,
+                               processed_unavailable: str) -> list[list[int]]:
+    """check_request for an engine whose teacher-forced log-probs are raw only (vLLM, SGLang): the sequences as int
+    lists, or an RlparityError; `processed_unavailable` says why processed ones are not available."""
+    sequences = check_request(engine, token_ids, prompt_len, max_len, vocab_size)
+    if sampling.logprobs != "raw":
+        raise RlparityError(f"{engine}: teacher-forced log-probs with Sampling(logprobs={sampling.logprobs!r}) "
+                            f"are not available: {processed_unavailable}")
+    return sequences
+
+
 def check_sequence(engine: str, sequence: Sequence[int], max_len: int, vocab_size: int,
                    where: str = "the sequence") -> list[int]:
     """The sequence as a list of ints, or an RlparityError naming it and what was wrong."""

@@ -29,12 +29,13 @@ Unverified here: the development machines have no GPU, so this engine has only r
 (discovery, validation, the parsing of SGLang's output); the gpu-marked tests exercise the rest.
 """
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from rlparity.engines.base import RAW, Sampling, check_request, engine_max_len
+from rlparity.engines.base import RAW, Sampling, check_raw_logprobs_request, engine_max_len
 from rlparity.engines.process import EngineProcess, EngineProcessError, find_engine_python, launch_worker
 from rlparity.errors import RlparityError
 from rlparity.models.checkpoint import open_checkpoint
@@ -74,14 +75,8 @@ def unavailable_reason() -> str | None:
     return None if python else how
 
 
-def check_logprobs_request(engine: str, token_ids: Sequence[Sequence[int]], prompt_len: Sequence[int],
-                           sampling: Sampling, max_len: int, vocab_size: int) -> list[list[int]]:
-    """The sequences as plain int lists, after every check SglangEngine.logprobs makes before asking SGLang."""
-    sequences = check_request(engine, token_ids, prompt_len, max_len, vocab_size)
-    if sampling.logprobs != "raw":
-        raise RlparityError(f"{engine}: teacher-forced log-probs with Sampling(logprobs={sampling.logprobs!r}) are "
-                            f"not available: {PROCESSED_TEACHER_FORCED}")
-    return sequences
+# The sequences as int lists, after every check SglangEngine.logprobs makes before asking SGLang.
+check_logprobs_request = functools.partial(check_raw_logprobs_request, processed_unavailable=PROCESSED_TEACHER_FORCED)
 
 
 class SglangEngine:

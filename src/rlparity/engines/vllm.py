@@ -24,6 +24,7 @@ What the numbers mean (vLLM 0.32):
   raw_logprobs) or `"processed"` (processed_logprobs: after temperature, top-k and top-p, renormalised).
 """
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from rlparity.engines.base import (
     Routing,
     Sampling,
     capture_points,
-    check_request,
+    check_raw_logprobs_request,
     check_sequence,
     engine_max_len,
     is_int,
@@ -65,14 +66,8 @@ PROCESSED_TEACHER_FORCED = (
     "Model Runner V2")
 
 
-def check_logprobs_request(engine: str, token_ids: Sequence[Sequence[int]], prompt_len: Sequence[int],
-                           sampling: Sampling, max_len: int, vocab_size: int) -> list[list[int]]:
-    """The sequences as int lists, after every check VllmEngine.logprobs makes before asking vLLM."""
-    sequences = check_request(engine, token_ids, prompt_len, max_len, vocab_size)
-    if sampling.logprobs != "raw":
-        raise RlparityError(f"{engine}: teacher-forced log-probs with Sampling(logprobs={sampling.logprobs!r}) "
-                            f"are not available: {PROCESSED_TEACHER_FORCED}")
-    return sequences
+# The sequences as int lists, after every check VllmEngine.logprobs makes before asking vLLM.
+check_logprobs_request = functools.partial(check_raw_logprobs_request, processed_unavailable=PROCESSED_TEACHER_FORCED)
 
 
 def check_sample_request(engine: str, prompt_ids: Sequence[int], sampling: Sampling, max_tokens: int,
